@@ -1,0 +1,48 @@
+# trace_ext: PGXS build.  The version lives in trace_ext.control only; it is
+# read from there and fed to the C code (User-Agent) and the test scripts.
+
+EXTENSION  = trace_ext
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big = trace_ext
+OBJS = \
+	trace_ext.o \
+	src/guc.o \
+	src/shmem.o \
+	src/secrets.o \
+	src/trigger.o \
+	src/queue.o \
+	src/payload.o \
+	src/outcome.o \
+	src/http.o \
+	src/worker.o \
+	src/metrics.o \
+	adapters/registry.o \
+	adapters/common.o \
+	adapters/webhook.o \
+	adapters/myfxbook.o \
+	adapters/file.o
+
+DATA = $(wildcard $(EXTENSION)--*.sql)
+
+PG_CPPFLAGS = -I$(srcdir) -DTRACE_EXT_VERSION='"$(EXTVERSION)"'
+SHLIB_LINK  = -lcurl
+
+# pg_regress: the SQL surface.  Run against a cluster that preloads the
+# library (test/run.sh starts one); see README.md.
+REGRESS      = install gucs attach trigger operator views privileges upgrade
+REGRESS_OPTS = --inputdir=. --load-extension=plpgsql
+
+# The JIT bitcode is not needed for an extension whose work is I/O, and
+# building it would need clang.
+override with_llvm = no
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: test demo
+test:
+	./test/run.sh
+demo:
+	./test/demo.sh

@@ -1,0 +1,240 @@
+/*
+ * file.c: the file export tracker, to a local directory or to S3.
+ *
+ * local: one JSON object per line appended to
+ * <trace.file_export_dir>/traces-YYYY-MM-DD.jsonl (UTC day of the write),
+ * written with one write() on an O_APPEND descriptor (so concurrent
+ * workers never interleave partial lines) and fsync'd before the row
+ * counts as delivered.  A write error is a recorded "io" failure.
+ *
+ * s3: one PUT per trade to <endpoint>/<bucket>/<prefix>YYYY/MM/DD/<id>.json
+ * (path-style; the date is the UTC day the row was queued, so a re-send
+ * overwrites the same key), signed with AWS Signature Version 4 by
+ * libcurl.  The keys come from trace_secret() and are never logged.
+ */
+#include "postgres.h"
+
+#include <fcntl.h>
+#include <time.h>
+#include <unistd.h>
+#include <curl/curl.h>
+
+#include "common/cryptohash.h"
+#include "common/sha2.h"
+#include "lib/stringinfo.h"
+#include "portability/instr_time.h"
+#include "utils/datetime.h"
+
+#include "adapters/adapter.h"
+
+/* Append one line and fsync it; the new file's directory entry too. */
+static void
+append_line(const char *path, const char *dir, const char *payload, TraceItem *item)
+{
+	size_t		len = strlen(payload);
+	char	   *line = palloc(len + 1);
+	bool		created = false;
+	int			fd;
+	ssize_t		written;
+
+	memcpy(line, payload, len);
+	line[len] = '\n';
+
+	fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_EXCL, 0640);
+	if (fd >= 0)
+		created = true;
+	else if (errno == EEXIST)
+		fd = open(path, O_WRONLY | O_APPEND, 0);
+	if (fd < 0)
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_IO, "could not open \"%s\": %m", path);
+		return;
+	}
+	written = write(fd, line, len + 1);
+	if (written != (ssize_t) (len + 1))
+	{
+		if (written >= 0)
+			errno = ENOSPC;
+		trace_outcome_fail(&item->out, TRACE_REASON_IO, "could not write \"%s\": %m", path);
+		close(fd);
+		return;
+	}
+	if (fsync(fd) != 0)
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_IO, "could not fsync \"%s\": %m", path);
+		close(fd);
+		return;
+	}
+	close(fd);
+
+	if (created)
+	{
+		int			dfd = open(dir, O_RDONLY);
+
+		if (dfd >= 0)
+		{
+			(void) fsync(dfd);
+			close(dfd);
+		}
+	}
+	trace_outcome_delivered(&item->out, 0);
+}
+
+static TracePrep
+export_local(TraceItem *item)
+{
+	const char *dir = trace_file_export_dir;
+	time_t		now = time(NULL);
+	struct tm	tm;
+	char	   *path;
+	instr_time	start,
+				elapsed;
+
+	if (dir == NULL || dir[0] == '\0')
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG,
+						   "trace.file_export_dir is not set");
+		return TRACE_PREP_DONE;
+	}
+	gmtime_r(&now, &tm);
+	path = psprintf("%s/traces-%04d-%02d-%02d.jsonl", dir,
+					tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday);
+
+	INSTR_TIME_SET_CURRENT(start);
+	append_line(path, dir, item->payload, item);
+	INSTR_TIME_SET_CURRENT(elapsed);
+	INSTR_TIME_SUBTRACT(elapsed, start);
+	item->out.posted = true;
+	item->out.seconds = INSTR_TIME_GET_DOUBLE(elapsed);
+	return TRACE_PREP_DONE;
+}
+
+/* Lower-case hex SHA-256 of the body, for x-amz-content-sha256. */
+static char *
+sha256_hex(const char *data, size_t len)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	uint8		digest[PG_SHA256_DIGEST_LENGTH];
+	char	   *hex = palloc(PG_SHA256_DIGEST_LENGTH * 2 + 1);
+
+	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
+		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
+	{
+		pg_cryptohash_free(ctx);
+		return NULL;
+	}
+	pg_cryptohash_free(ctx);
+	for (int i = 0; i < PG_SHA256_DIGEST_LENGTH; i++)
+		sprintf(hex + 2 * i, "%02x", digest[i]);
+	return hex;
+}
+
+/* URI-encode an object key as SigV4 wants it: keep unreserved and '/'. */
+static void
+append_key_encoded(StringInfo buf, const char *key)
+{
+	for (const unsigned char *p = (const unsigned char *) key; *p; p++)
+	{
+		if (isalnum(*p) || *p == '-' || *p == '_' || *p == '.' || *p == '~' || *p == '/')
+			appendStringInfoChar(buf, *p);
+		else
+			appendStringInfo(buf, "%%%02X", *p);
+	}
+}
+
+static TracePrep
+export_s3(TraceItem *item, TraceRequest *req)
+{
+	const char *key_id = trace_secret("s3_access_key_id");
+	const char *secret = trace_secret("s3_secret_access_key");
+	struct pg_tm tm;
+	fsec_t		fsec;
+	StringInfoData url;
+	char	   *key;
+	char	   *digest;
+	size_t		endlen;
+
+	if (!trace_target_url(trace_s3_endpoint, "trace.s3_endpoint", item))
+		return TRACE_PREP_DONE;
+	if (trace_s3_bucket == NULL || trace_s3_bucket[0] == '\0')
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG, "trace.s3_bucket is not set");
+		return TRACE_PREP_DONE;
+	}
+	if (key_id[0] == '\0' || secret[0] == '\0')
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG,
+						   "trace.s3_access_key_id and trace.s3_secret_access_key must be set");
+		return TRACE_PREP_DONE;
+	}
+	if (timestamp2tm(item->created_at, NULL, &tm, &fsec, NULL, NULL) != 0)
+	{
+		trace_outcome_fail(&item->out, TRACE_REASON_OTHER, "queue row has an invalid created_at");
+		return TRACE_PREP_DONE;
+	}
+
+	key = psprintf("%s%04d/%02d/%02d/" INT64_FORMAT ".json", trace_s3_prefix,
+				   tm.tm_year, tm.tm_mon, tm.tm_mday, item->trade_id);
+	initStringInfo(&url);
+	endlen = strlen(trace_s3_endpoint);
+	while (endlen > 0 && trace_s3_endpoint[endlen - 1] == '/')
+		endlen--;
+	appendBinaryStringInfo(&url, trace_s3_endpoint, endlen);
+	appendStringInfoChar(&url, '/');
+	append_key_encoded(&url, trace_s3_bucket);
+	appendStringInfoChar(&url, '/');
+	append_key_encoded(&url, key);
+
+	req->url = url.data;
+	req->method = "PUT";
+	req->body = item->payload;
+	req->body_len = strlen(item->payload);
+	req->aws_sigv4 = psprintf("aws:amz:%s:s3", trace_s3_region);
+	req->userpwd = psprintf("%s:%s", key_id, secret);
+	req->headers = trace_common_headers(item);
+	digest = sha256_hex(req->body, req->body_len);
+	if (digest == NULL ||
+		!trace_add_header(&req->headers, "x-amz-content-sha256", digest, item,
+						  "x-amz-content-sha256"))
+	{
+		if (digest == NULL)
+			trace_outcome_fail(&item->out, TRACE_REASON_OTHER, "could not hash the payload");
+		curl_slist_free_all(req->headers);
+		req->headers = NULL;
+		return TRACE_PREP_DONE;
+	}
+	return TRACE_PREP_SEND;
+}
+
+static TracePrep
+file_prepare(TraceItem *item, TraceRequest *req)
+{
+	if (strcmp(trace_file_export_type, "s3") == 0)
+		return export_s3(item, req);
+	return export_local(item);
+}
+
+/* S3 explains a refusal in <Code>...</Code>: keep it in last_error. */
+static void
+file_explain(TraceItem *item, const char *body)
+{
+	const char *start = strstr(body, "<Code>");
+	const char *end;
+	size_t		used = strlen(item->out.error);
+
+	if (start == NULL || (end = strstr(start, "</Code>")) == NULL)
+		return;
+	start += 6;
+	if (end - start > 64)
+		return;
+	snprintf(item->out.error + used, sizeof(item->out.error) - used,
+			 " (%.*s)", (int) (end - start), start);
+}
+
+const TraceAdapter trace_file_adapter = {
+	.kind = TRACE_ADAPTER_FILE,
+	.name = "file",
+	.prepare = file_prepare,
+	.explain = file_explain,
+};

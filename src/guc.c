@@ -1,0 +1,449 @@
+/*
+ * guc.c: the trace.* configuration parameters.
+ *
+ * Every parameter of INTERFACE.md is defined here, with its unit, its range
+ * and a check hook that rejects a bad value with a message naming the
+ * parameter.  Secret parameters are superuser-only and show "********" to
+ * everyone; their check hooks never fail, because PostgreSQL would print
+ * the rejected value.  Nothing here touches the network or the catalogs.
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+#include <limits.h>
+
+#include "miscadmin.h"
+#include "utils/guc.h"
+#include "utils/varlena.h"
+
+#include "src/trace_ext.h"
+
+char	   *trace_database = NULL;
+int			trace_workers = 1;
+int			trace_delay_s = 300;
+int			trace_batch_size = 100;
+int			trace_poll_interval_ms = 1000;
+int			trace_max_retries = 5;
+int			trace_backoff_base_ms = 5000;
+int			trace_backoff_cap_s = 3600;
+int			trace_ttl_s = 7 * 24 * 3600;
+int			trace_http_timeout_ms = 10000;
+char	   *trace_enabled_adapters = NULL;
+char	   *trace_payload_columns = NULL;
+char	   *trace_myfxbook_url = NULL;
+char	   *trace_myfxbook_token = NULL;
+char	   *trace_webhook_endpoint = NULL;
+char	   *trace_webhook_auth_header = NULL;
+char	   *trace_webhook_auth_token = NULL;
+char	   *trace_webhook_signing_secret = NULL;
+char	   *trace_file_export_type = NULL;
+char	   *trace_file_export_dir = NULL;
+char	   *trace_s3_endpoint = NULL;
+char	   *trace_s3_region = NULL;
+char	   *trace_s3_bucket = NULL;
+char	   *trace_s3_prefix = NULL;
+char	   *trace_s3_access_key_id = NULL;
+char	   *trace_s3_secret_access_key = NULL;
+char	   *trace_secrets_file = NULL;
+char	   *trace_ca_file = NULL;
+
+/* Parsed form of trace.enabled_adapters, set by its assign hook. */
+static bool adapter_enabled[TRACE_NUM_ADAPTERS];
+
+static const char *const adapter_names[TRACE_NUM_ADAPTERS] = {
+	"myfxbook", "webhook", "file"
+};
+
+static const char *const reason_names[TRACE_NUM_REASONS] = {
+	"timeout", "connect", "tls", "http_4xx", "http_5xx", "redirect",
+	"config", "io", "other"
+};
+
+#define DEFAULT_PAYLOAD_COLUMNS \
+	"trade_id,signal_id,instrument,side,volume,entry_price,exit_price," \
+	"opened_at,closed_at,pnl,fees"
+
+const char *
+trace_adapter_name(TraceAdapterKind kind)
+{
+	return adapter_names[kind];
+}
+
+const char *
+trace_reason_name(TraceReason reason)
+{
+	return reason_names[reason];
+}
+
+int
+trace_adapter_from_name(const char *name)
+{
+	for (int i = 0; i < TRACE_NUM_ADAPTERS; i++)
+		if (strcmp(name, adapter_names[i]) == 0)
+			return i;
+	return -1;
+}
+
+bool
+trace_adapter_enabled(TraceAdapterKind kind)
+{
+	return adapter_enabled[kind];
+}
+
+/* Only http and https URLs are ever fetched. */
+bool
+trace_url_scheme_ok(const char *url)
+{
+	return pg_strncasecmp(url, "http://", 7) == 0 ||
+		pg_strncasecmp(url, "https://", 8) == 0;
+}
+
+/*
+ * Split a comma list into trimmed, lower-case-preserving items.  Returns
+ * false (with a GUC error detail) for a malformed list.
+ */
+static bool
+split_list(const char *value, const char *guc, List **items)
+{
+	char	   *copy = pstrdup(value);
+
+	if (!SplitIdentifierString(copy, ',', items))
+	{
+		GUC_check_errdetail("%s must be a comma-separated list of names.", guc);
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_enabled_adapters(char **newval, void **extra, GucSource source)
+{
+	List	   *items;
+	ListCell   *lc;
+	bool	   *parsed;
+
+	if (!split_list(*newval, "trace.enabled_adapters", &items))
+		return false;
+
+	parsed = malloc(sizeof(bool) * TRACE_NUM_ADAPTERS);
+	if (parsed == NULL)
+		return false;
+	memset(parsed, 0, sizeof(bool) * TRACE_NUM_ADAPTERS);
+
+	foreach(lc, items)
+	{
+		const char *name = lfirst(lc);
+		int			kind = trace_adapter_from_name(name);
+
+		if (kind < 0)
+		{
+			GUC_check_errdetail("trace.enabled_adapters: unknown adapter \"%s\"; "
+								"the adapters are myfxbook, webhook and file.",
+								name);
+			free(parsed);
+			return false;
+		}
+		parsed[kind] = true;
+	}
+	*extra = parsed;
+	return true;
+}
+
+static void
+assign_enabled_adapters(const char *newval, void *extra)
+{
+	memcpy(adapter_enabled, extra, sizeof(bool) * TRACE_NUM_ADAPTERS);
+}
+
+static bool
+check_payload_columns(char **newval, void **extra, GucSource source)
+{
+	List	   *items;
+	ListCell   *lc;
+
+	if (!split_list(*newval, "trace.payload_columns", &items))
+		return false;
+	if (items == NIL)
+	{
+		GUC_check_errdetail("trace.payload_columns must name at least one column.");
+		return false;
+	}
+	foreach(lc, items)
+	{
+		const char *name = lfirst(lc);
+
+		for (const char *p = name; *p; p++)
+		{
+			if (!(isalnum((unsigned char) *p) || *p == '_'))
+			{
+				GUC_check_errdetail("trace.payload_columns: \"%s\" is not a plain column name.",
+									name);
+				return false;
+			}
+		}
+	}
+	return true;
+}
+
+/* An empty URL means "not configured"; anything else must be http(s). */
+static bool
+check_url(char **newval, const char *guc)
+{
+	const char *url = *newval;
+
+	if (url == NULL || url[0] == '\0')
+		return true;
+	if (!trace_url_scheme_ok(url))
+	{
+		GUC_check_errdetail("%s must be an http:// or https:// URL.", guc);
+		return false;
+	}
+	for (const char *p = url; *p; p++)
+	{
+		if ((unsigned char) *p <= ' ')
+		{
+			GUC_check_errdetail("%s must not contain spaces or control characters.", guc);
+			return false;
+		}
+	}
+	return true;
+}
+
+static bool
+check_myfxbook_url(char **newval, void **extra, GucSource source)
+{
+	return check_url(newval, "trace.myfxbook_webhook_url");
+}
+
+static bool
+check_webhook_endpoint(char **newval, void **extra, GucSource source)
+{
+	return check_url(newval, "trace.webhook_endpoint");
+}
+
+static bool
+check_s3_endpoint(char **newval, void **extra, GucSource source)
+{
+	return check_url(newval, "trace.s3_endpoint");
+}
+
+/* An HTTP header name is a non-empty RFC 9110 token. */
+static bool
+check_auth_header(char **newval, void **extra, GucSource source)
+{
+	const char *name = *newval;
+
+	if (name == NULL || name[0] == '\0')
+	{
+		GUC_check_errdetail("trace.webhook_auth_header must not be empty.");
+		return false;
+	}
+	for (const char *p = name; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || strchr("!#$%&'*+-.^_`|~", *p)))
+		{
+			GUC_check_errdetail("trace.webhook_auth_header must be an HTTP header name (letters, digits, '-').");
+			return false;
+		}
+	}
+	return true;
+}
+
+static bool
+check_file_export_type(char **newval, void **extra, GucSource source)
+{
+	if (strcmp(*newval, "local") == 0 || strcmp(*newval, "s3") == 0)
+		return true;
+	GUC_check_errdetail("trace.file_export_type must be \"local\" or \"s3\".");
+	return false;
+}
+
+static bool
+check_absolute_path(char **newval, const char *guc)
+{
+	if (*newval == NULL || (*newval)[0] == '\0' || (*newval)[0] == '/')
+		return true;
+	GUC_check_errdetail("%s must be an absolute path.", guc);
+	return false;
+}
+
+static bool
+check_file_export_dir(char **newval, void **extra, GucSource source)
+{
+	return check_absolute_path(newval, "trace.file_export_dir");
+}
+
+static bool
+check_ca_file(char **newval, void **extra, GucSource source)
+{
+	return check_absolute_path(newval, "trace.ca_file");
+}
+
+static bool
+check_secrets_file(char **newval, void **extra, GucSource source)
+{
+	const char *why;
+
+	if (!check_absolute_path(newval, "trace.secrets_file"))
+		return false;
+	if ((*newval)[0] == '\0' || trace_secrets_file_safe(*newval, &why))
+		return true;
+	GUC_check_errdetail("trace.secrets_file is refused: %s.", why);
+	return false;
+}
+
+static bool
+check_s3_prefix(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] != '/')
+		return true;
+	GUC_check_errdetail("trace.s3_prefix must not start with \"/\".");
+	return false;
+}
+
+/* Secrets show as ******** when set, to everyone. */
+static const char *
+show_secret(const char *value)
+{
+	return (value != NULL && value[0] != '\0') ? "********" : "";
+}
+
+static const char *
+show_myfxbook_token(void)
+{
+	return show_secret(trace_myfxbook_token);
+}
+
+static const char *
+show_webhook_auth_token(void)
+{
+	return show_secret(trace_webhook_auth_token);
+}
+
+static const char *
+show_webhook_signing_secret(void)
+{
+	return show_secret(trace_webhook_signing_secret);
+}
+
+static const char *
+show_s3_access_key_id(void)
+{
+	return show_secret(trace_s3_access_key_id);
+}
+
+static const char *
+show_s3_secret_access_key(void)
+{
+	return show_secret(trace_s3_secret_access_key);
+}
+
+static void
+define_string(const char *name, const char *desc, char **var, const char *boot,
+			  GucContext context, int flags, GucStringCheckHook check,
+			  GucStringAssignHook assign, GucShowHook show)
+{
+	DefineCustomStringVariable(name, desc, NULL, var, boot, context, flags,
+							   check, assign, show);
+}
+
+static void
+define_secret(const char *name, const char *desc, char **var, GucShowHook show)
+{
+	define_string(name, desc, var, "", PGC_SIGHUP,
+				  GUC_SUPERUSER_ONLY,
+				  NULL, NULL, show);
+}
+
+static void
+define_int(const char *name, const char *desc, int *var, int boot, int min,
+		   int max, GucContext context, int flags)
+{
+	DefineCustomIntVariable(name, desc, NULL, var, boot, min, max, context,
+							flags, NULL, NULL, NULL);
+}
+
+void
+trace_define_gucs(void)
+{
+	/*
+	 * PostgreSQL allows postmaster-context parameters only while preloading;
+	 * without the preload there is no worker for them to configure.
+	 */
+	if (process_shared_preload_libraries_in_progress)
+	{
+		define_string("trace.database", "Database the trace_ext workers serve.",
+					  &trace_database, "postgres", PGC_POSTMASTER, 0,
+					  NULL, NULL, NULL);
+		define_int("trace.workers", "Number of trace_ext delivery workers.",
+				   &trace_workers, 1, 0, TRACE_MAX_WORKERS, PGC_POSTMASTER, 0);
+	}
+	define_int("trace.delay", "Delay between a trade's close and its delivery (T+X).",
+			   &trace_delay_s, 300, 0, 30 * 24 * 3600, PGC_SIGHUP, GUC_UNIT_S);
+	define_int("trace.batch_size", "Queue rows claimed per round, and the most requests in flight.",
+			   &trace_batch_size, 100, 1, 10000, PGC_SIGHUP, 0);
+	define_int("trace.poll_interval", "Longest time a worker sleeps between looks at the queue.",
+			   &trace_poll_interval_ms, 1000, 10, 3600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
+	define_int("trace.max_retries", "Retries after the first delivery attempt.",
+			   &trace_max_retries, 5, 0, 100, PGC_SIGHUP, 0);
+	define_int("trace.retry_backoff_base", "Wait before the first retry; retry n waits base*6^(n-1).",
+			   &trace_backoff_base_ms, 5000, 1, 24 * 3600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
+	define_int("trace.retry_backoff_cap", "Longest wait between retries.",
+			   &trace_backoff_cap_s, 3600, 1, 7 * 24 * 3600, PGC_SIGHUP, GUC_UNIT_S);
+	define_int("trace.ttl", "Queue rows older than this are deleted, whatever their status.",
+			   &trace_ttl_s, 7 * 24 * 3600, 1, INT_MAX, PGC_SIGHUP, GUC_UNIT_S);
+	define_int("trace.http_timeout", "Whole-request timeout of a delivery.",
+			   &trace_http_timeout_ms, 10000, 100, 600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
+
+	define_string("trace.enabled_adapters", "Adapters that trades are queued for (comma list).",
+				  &trace_enabled_adapters, "", PGC_SIGHUP, GUC_LIST_INPUT,
+				  check_enabled_adapters, assign_enabled_adapters, NULL);
+	define_string("trace.payload_columns", "The trade columns that may leave the database (allowlist).",
+				  &trace_payload_columns, DEFAULT_PAYLOAD_COLUMNS, PGC_SIGHUP,
+				  GUC_LIST_INPUT, check_payload_columns, NULL, NULL);
+
+	define_string("trace.myfxbook_webhook_url", "URL the myfxbook adapter posts to.",
+				  &trace_myfxbook_url, "", PGC_SIGHUP, 0,
+				  check_myfxbook_url, NULL, NULL);
+	define_secret("trace.myfxbook_webhook_token", "Bearer token of the myfxbook adapter.",
+				  &trace_myfxbook_token, show_myfxbook_token);
+	define_string("trace.webhook_endpoint", "URL the webhook adapter posts to.",
+				  &trace_webhook_endpoint, "", PGC_SIGHUP, 0,
+				  check_webhook_endpoint, NULL, NULL);
+	define_string("trace.webhook_auth_header", "Header that carries the webhook token.",
+				  &trace_webhook_auth_header, "Authorization", PGC_SIGHUP, 0,
+				  check_auth_header, NULL, NULL);
+	define_secret("trace.webhook_auth_token", "Value of the webhook auth header.",
+				  &trace_webhook_auth_token, show_webhook_auth_token);
+	define_secret("trace.webhook_signing_secret", "Standard Webhooks signing secret.",
+				  &trace_webhook_signing_secret, show_webhook_signing_secret);
+
+	define_string("trace.file_export_type", "File export target: local or s3.",
+				  &trace_file_export_type, "local", PGC_SIGHUP, 0,
+				  check_file_export_type, NULL, NULL);
+	define_string("trace.file_export_dir", "Directory of the local JSON Lines export.",
+				  &trace_file_export_dir, "", PGC_SIGHUP, 0,
+				  check_file_export_dir, NULL, NULL);
+	define_string("trace.s3_endpoint", "S3-compatible endpoint (path-style).",
+				  &trace_s3_endpoint, "https://s3.amazonaws.com", PGC_SIGHUP, 0,
+				  check_s3_endpoint, NULL, NULL);
+	define_string("trace.s3_region", "S3 region used in the signature.",
+				  &trace_s3_region, "us-east-1", PGC_SIGHUP, 0, NULL, NULL, NULL);
+	define_string("trace.s3_bucket", "S3 bucket of the export.",
+				  &trace_s3_bucket, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
+	define_string("trace.s3_prefix", "Key prefix of the S3 export.",
+				  &trace_s3_prefix, "traces/", PGC_SIGHUP, 0,
+				  check_s3_prefix, NULL, NULL);
+	define_secret("trace.s3_access_key_id", "S3 access key id.",
+				  &trace_s3_access_key_id, show_s3_access_key_id);
+	define_secret("trace.s3_secret_access_key", "S3 secret access key.",
+				  &trace_s3_secret_access_key, show_s3_secret_access_key);
+
+	define_string("trace.secrets_file", "File of name = value lines for the secret parameters (mode 0600).",
+				  &trace_secrets_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+				  check_secrets_file, NULL, NULL);
+	define_string("trace.ca_file", "Extra CA bundle for HTTPS trackers.",
+				  &trace_ca_file, "", PGC_SIGHUP, 0, check_ca_file, NULL, NULL);
+
+	MarkGUCPrefixReserved("trace");
+}

@@ -1,0 +1,426 @@
+/*
+ * queue.c: the worker's SQL on trace.trace_queue.
+ *
+ * Each exported function runs one short transaction of its own and
+ * commits before returning, so that no transaction, snapshot or row lock
+ * is ever held while the worker talks to the network.  Claiming takes due
+ * rows with FOR UPDATE SKIP LOCKED (workers never wait on each other) and
+ * leases them: status 'sending', due_at = end of lease.  Recording is one
+ * set-based UPDATE per round that only touches rows whose lease is still
+ * ours.  Must only be called by a worker, outside any transaction.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "src/trace_ext.h"
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr next_due_plan = NULL;
+static SPIPlanPtr cancel_plan = NULL;
+static SPIPlanPtr record_plan = NULL;
+
+/* Longest Retry-After honoured: a tracker cannot park a row forever. */
+#define MAX_RETRY_AFTER_S	(24 * 3600)
+
+static void
+begin_tx(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "trace_ext: SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_tx(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+static SPIPlanPtr
+keep_plan(const char *sql, int nargs, Oid *argtypes)
+{
+	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+	if (plan == NULL)
+		elog(ERROR, "trace_ext: could not prepare a queue statement: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	return plan;
+}
+
+static ArrayType *
+int4_array(const int *values, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+		d[i] = Int32GetDatum(values[i]);
+	return construct_array(d, n, INT4OID, 4, true, TYPALIGN_INT);
+}
+
+static ArrayType *
+text_array(const char *const *values, const bool *nulls, int n)
+{
+	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+		d[i] = (nulls && nulls[i]) ? (Datum) 0 : CStringGetTextDatum(values[i]);
+	return construct_md_array(d, (bool *) nulls, 1, dims, lbs, TEXTOID, -1,
+							  false, TYPALIGN_INT);
+}
+
+/* Is the extension installed in this database? */
+bool
+trace_extension_present(void)
+{
+	bool		present;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	present = OidIsValid(get_extension_oid("trace_ext", true));
+	CommitTransactionCommand();
+	return present;
+}
+
+/*
+ * A worker that starts frees the leases of workers that are gone (a crash,
+ * kill -9, immediate shutdown), instead of waiting for them to expire.
+ */
+void
+trace_queue_release_orphans(void)
+{
+	int			pids[TRACE_MAX_WORKERS];
+	int			n = trace_live_worker_pids(pids, TRACE_MAX_WORKERS);
+	Oid			argtypes[1] = {INT4ARRAYOID};
+	Datum		values[1];
+
+	begin_tx("trace_ext: releasing orphaned leases");
+	values[0] = PointerGetDatum(int4_array(pids, n));
+	if (SPI_execute_with_args("UPDATE trace.trace_queue SET due_at = now() "
+							  " WHERE status = 'sending' AND due_at > now() "
+							  "   AND (lease_owner IS NULL OR lease_owner <> ALL ($1))",
+							  1, argtypes, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "trace_ext: could not release orphaned leases");
+	if (SPI_processed > 0)
+		ereport(LOG,
+				(errmsg("trace_ext: %llu rows left in sending by a stopped worker are due again",
+						(unsigned long long) SPI_processed)));
+	end_tx();
+}
+
+static void
+prepare_claim_plans(void)
+{
+	Oid			claim_types[3] = {INT4OID, FLOAT8OID, TEXTARRAYOID};
+	Oid			cancel_types[1] = {INT8ARRAYOID};
+
+	if (claim_plan != NULL)
+		return;
+	claim_plan = keep_plan(
+						   "WITH due AS ("
+						   "  SELECT id FROM trace.trace_queue "
+						   "   WHERE status IN ('pending', 'sending') AND due_at <= now() "
+						   "     AND adapter <> ALL ($3) "
+						   "   ORDER BY due_at LIMIT $1 "
+						   "   FOR UPDATE SKIP LOCKED) "
+						   "UPDATE trace.trace_queue q "
+						   "   SET status = 'sending', attempts = q.attempts + 1, "
+						   "       due_at = now() + make_interval(secs => $2), "
+						   "       lease_owner = pg_backend_pid() "
+						   "  FROM due WHERE q.id = due.id "
+						   "RETURNING q.id, q.trade_id, q.adapter, q.attempts, "
+						   "          q.created_at, q.trade_table::oid",
+						   3, claim_types);
+	next_due_plan = keep_plan("SELECT min(due_at) FROM trace.trace_queue "
+							  " WHERE status IN ('pending', 'sending')",
+							  0, NULL);
+	cancel_plan = keep_plan("UPDATE trace.trace_queue "
+							"   SET status = 'cancelled', attempts = attempts - 1, "
+							"       lease_owner = NULL "
+							" WHERE id = ANY ($1) AND status = 'sending'",
+							1, cancel_types);
+}
+
+static void
+read_claimed(TraceItem *items, int n)
+{
+	SPITupleTable *tt = SPI_tuptable;
+
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	row = tt->vals[i];
+		TraceItem  *item = &items[i];
+		bool		isnull;
+		char	   *adapter;
+
+		memset(item, 0, sizeof(TraceItem));
+		item->id = DatumGetInt64(SPI_getbinval(row, tt->tupdesc, 1, &isnull));
+		item->trade_id = DatumGetInt64(SPI_getbinval(row, tt->tupdesc, 2, &isnull));
+		adapter = TextDatumGetCString(SPI_getbinval(row, tt->tupdesc, 3, &isnull));
+		item->adapter = trace_adapter_from_name(adapter);
+		item->attempts = DatumGetInt32(SPI_getbinval(row, tt->tupdesc, 4, &isnull));
+		item->created_at = DatumGetTimestampTz(SPI_getbinval(row, tt->tupdesc, 5, &isnull));
+		item->trade_table = DatumGetObjectId(SPI_getbinval(row, tt->tupdesc, 6, &isnull));
+		item->out.retry_after = -1;
+	}
+}
+
+static void
+cancel_items(TraceItem *items, int n)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	int			ncancel = 0;
+	Datum		values[1];
+
+	for (int i = 0; i < n; i++)
+		if (items[i].cancelled)
+			ids[ncancel++] = Int64GetDatum(items[i].id);
+	if (ncancel == 0)
+		return;
+	values[0] = PointerGetDatum(construct_array(ids, ncancel, INT8OID, 8,
+												true, TYPALIGN_DOUBLE));
+	if (SPI_execute_plan(cancel_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "trace_ext: could not cancel rows");
+}
+
+/*
+ * Claim up to max_rows due rows, skipping adapters marked saturated, and
+ * build their payloads from the trades as they are now.  Rows whose trade
+ * is no longer CLOSED are cancelled in the same transaction.  *items is
+ * allocated in the caller's memory context.  When fewer rows than asked
+ * for were due, *next_due is the earliest due_at left (DT_NOEND if none).
+ */
+int
+trace_queue_claim(int max_rows, const bool *saturated, TraceItem **items,
+				  TimestampTz *next_due)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	const char *skip[TRACE_NUM_ADAPTERS];
+	int			nskip = 0;
+	Datum		values[3];
+	int			n;
+
+	*next_due = 0;
+	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		if (saturated[a])
+			skip[nskip++] = trace_adapter_name(a);
+
+	begin_tx("trace_ext: claiming due rows");
+	prepare_claim_plans();
+
+	values[0] = Int32GetDatum(max_rows);
+	values[1] = Float8GetDatum(2.0 * trace_http_timeout_ms / 1000.0 + 5.0);
+	values[2] = PointerGetDatum(text_array(skip, NULL, nskip));
+	if (SPI_execute_plan(claim_plan, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "trace_ext: could not claim due rows");
+	n = (int) SPI_processed;
+
+	*items = MemoryContextAllocZero(caller, sizeof(TraceItem) * Max(n, 1));
+	read_claimed(*items, n);
+
+	if (n > 0)
+	{
+		/* payloads must outlive the transaction: built in caller's context */
+		trace_payload_build(*items, n, caller);
+		cancel_items(*items, n);
+	}
+
+	if (n < max_rows)
+	{
+		bool		isnull;
+		Datum		d;
+
+		if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "trace_ext: could not read the next due time");
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+		*next_due = isnull ? DT_NOEND : DatumGetTimestampTz(d);
+	}
+	end_tx();
+	return n;
+}
+
+/* min(base * 6^(n-1), cap), then +/- up to 10 % jitter; in seconds. */
+static double
+backoff_seconds(int attempts)
+{
+	double		base = trace_backoff_base_ms / 1000.0;
+	double		cap = trace_backoff_cap_s;
+	double		wait = base * pow(6.0, Max(attempts, 1) - 1);
+
+	if (wait > cap)
+		wait = cap;
+	return wait * (0.9 + 0.2 * pg_prng_double(&pg_global_prng_state));
+}
+
+/* What becomes of a finished item: its next status and, if retried, when. */
+static const char *
+next_status(const TraceItem *item, double *delay)
+{
+	*delay = 0;
+	if (item->out.delivered)
+		return "delivered";
+	if (item->out.permanent || item->attempts > trace_max_retries)
+		return "abandoned";
+
+	*delay = backoff_seconds(item->attempts);
+	if (item->out.retry_after > 0)
+		*delay = Max(*delay, (double) Min(item->out.retry_after, MAX_RETRY_AFTER_S));
+	return "pending";
+}
+
+static void
+prepare_record_plan(void)
+{
+	Oid			types[6] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID};
+
+	if (record_plan != NULL)
+		return;
+	record_plan = keep_plan(
+							"WITH r AS ("
+							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6) "
+							"         AS r(id, attempts, status, http, err, delay)), "
+							"upd AS ("
+							"  UPDATE trace.trace_queue q "
+							"     SET status = r.status, "
+							"         due_at = CASE WHEN r.status = 'pending' "
+							"                       THEN now() + make_interval(secs => r.delay) "
+							"                       ELSE now() END, "
+							"         delivered_at = CASE WHEN r.status = 'delivered' "
+							"                             THEN now() END, "
+							"         last_http_status = r.http, "
+							"         last_error = CASE WHEN r.status = 'delivered' "
+							"                           THEN q.last_error ELSE r.err END, "
+							"         lease_owner = NULL "
+							"    FROM r "
+							"   WHERE q.id = r.id AND q.status = 'sending' "
+							"     AND q.attempts = r.attempts "
+							"     AND q.lease_owner = pg_backend_pid() "
+							"  RETURNING q.id, q.trade_id, q.adapter, q.attempts, "
+							"            q.status, q.last_error) "
+							"SELECT u.trade_id, u.adapter, u.attempts, u.last_error, "
+							"       pg_notify('trace_alert', json_build_object("
+							"           'id', u.id, 'trade_id', u.trade_id, "
+							"           'adapter', u.adapter, 'attempts', u.attempts, "
+							"           'last_error', u.last_error)::text) "
+							"  FROM upd u WHERE u.status = 'abandoned'",
+							6, types);
+}
+
+static void
+warn_abandoned(void)
+{
+	SPITupleTable *tt = SPI_tuptable;
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		char	   *trade = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+		char	   *adapter = SPI_getvalue(tt->vals[i], tt->tupdesc, 2);
+		char	   *attempts = SPI_getvalue(tt->vals[i], tt->tupdesc, 3);
+		char	   *error = SPI_getvalue(tt->vals[i], tt->tupdesc, 4);
+
+		ereport(WARNING,
+				(errmsg("trace_ext: giving up on trade %s for adapter %s after %s attempts: %s",
+						trade, adapter, attempts, error ? error : "unknown error"),
+				 errhint("Fix the cause, then call trace.retry() or trace.retry_abandoned().")));
+	}
+}
+
+/*
+ * Record the outcomes of finished items in one statement: delivered,
+ * retried later (backoff), or abandoned (NOTIFY trace_alert + WARNING).
+ * Counts every attempt in the metrics.  Returns the earliest retry time
+ * scheduled (DT_NOEND if none).
+ */
+TimestampTz
+trace_queue_record(TraceItem **items, int n)
+{
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	int		   *attempts = palloc(sizeof(int) * n);
+	const char **status = palloc(sizeof(char *) * n);
+	Datum	   *http = palloc(sizeof(Datum) * n);
+	bool	   *http_null = palloc(sizeof(bool) * n);
+	const char **errors = palloc(sizeof(char *) * n);
+	bool	   *error_null = palloc(sizeof(bool) * n);
+	Datum	   *delays = palloc(sizeof(Datum) * n);
+	double		soonest = -1;
+	Datum		values[6];
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	for (int i = 0; i < n; i++)
+	{
+		TraceItem  *item = items[i];
+		double		delay;
+
+		trace_metrics_count(item);
+		ids[i] = Int64GetDatum(item->id);
+		attempts[i] = item->attempts;
+		status[i] = next_status(item, &delay);
+		delays[i] = Float8GetDatum(delay);
+		http[i] = Int32GetDatum(item->out.http_status);
+		http_null[i] = item->out.http_status == 0;
+		errors[i] = item->out.error;
+		error_null[i] = item->out.delivered;
+		if (strcmp(status[i], "pending") == 0 && (soonest < 0 || delay < soonest))
+			soonest = delay;
+	}
+
+	begin_tx("trace_ext: recording outcomes");
+	prepare_record_plan();
+	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(int4_array(attempts, n));
+	values[2] = PointerGetDatum(text_array(status, NULL, n));
+	values[3] = PointerGetDatum(construct_md_array(http, http_null, 1, dims, lbs,
+												   INT4OID, 4, true, TYPALIGN_INT));
+	values[4] = PointerGetDatum(text_array(errors, error_null, n));
+	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, 8,
+												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (SPI_execute_plan(record_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not record delivery outcomes");
+	warn_abandoned();
+	end_tx();
+
+	if (soonest < 0)
+		return DT_NOEND;
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (soonest * 1000));
+}
+
+/* trace.cleanup(), run by the worker now and then. */
+int64
+trace_queue_cleanup(void)
+{
+	int64		deleted = 0;
+	bool		isnull;
+
+	begin_tx("trace_ext: deleting rows older than trace.ttl");
+	if (SPI_execute("SELECT trace.cleanup()", false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: cleanup failed");
+	deleted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+										  SPI_tuptable->tupdesc, 1, &isnull));
+	end_tx();
+	return deleted;
+}

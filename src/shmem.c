@@ -1,0 +1,248 @@
+/*
+ * shmem.c: the shared state of trace_ext, and waking the workers at commit.
+ *
+ * Shared memory holds the workers' slots (pid and latch, so that an
+ * enqueuing transaction can wake them) and the delivery counters.
+ * Locking: the slots are guarded by a spinlock, taken only when a worker
+ * starts or exits and when a worker lists the live ones; the counters are
+ * atomics, updated without locks on the send path.  Waking never blocks:
+ * a committing backend only sets latches.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "port/atomics.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+
+#include "src/trace_ext.h"
+
+/* Upper bounds (seconds) of the post duration histogram; +Inf is implied. */
+const double trace_duration_buckets[] = {
+	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
+};
+#define NUM_BUCKETS lengthof(trace_duration_buckets)
+
+typedef struct TraceCounters
+{
+	pg_atomic_uint64 pushed;
+	pg_atomic_uint64 failed[TRACE_NUM_REASONS];
+	pg_atomic_uint64 duration_count;
+	pg_atomic_uint64 duration_sum_us;
+	pg_atomic_uint64 buckets[NUM_BUCKETS];	/* not cumulative */
+} TraceCounters;
+
+typedef struct TraceShared
+{
+	slock_t		mutex;			/* guards pids and latches */
+	pid_t		pids[TRACE_MAX_WORKERS];
+	Latch	   *latches[TRACE_MAX_WORKERS];
+	TraceCounters counters[TRACE_NUM_ADAPTERS];
+} TraceShared;
+
+static TraceShared *shared = NULL;
+static int	my_slot = -1;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static bool wake_at_commit = false;
+static bool xact_callback_registered = false;
+
+static void
+shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(TraceShared)));
+}
+
+static void
+shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("trace_ext", sizeof(TraceShared), &found);
+	if (!found)
+	{
+		memset(shared, 0, sizeof(TraceShared));
+		SpinLockInit(&shared->mutex);
+		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		{
+			TraceCounters *c = &shared->counters[a];
+
+			pg_atomic_init_u64(&c->pushed, 0);
+			for (int r = 0; r < TRACE_NUM_REASONS; r++)
+				pg_atomic_init_u64(&c->failed[r], 0);
+			pg_atomic_init_u64(&c->duration_count, 0);
+			pg_atomic_init_u64(&c->duration_sum_us, 0);
+			for (int b = 0; b < NUM_BUCKETS; b++)
+				pg_atomic_init_u64(&c->buckets[b], 0);
+		}
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+trace_shmem_install(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = shmem_startup;
+}
+
+bool
+trace_shmem_ready(void)
+{
+	return shared != NULL;
+}
+
+static void
+worker_slot_detach(int code, Datum arg)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->pids[my_slot] = 0;
+	shared->latches[my_slot] = NULL;
+	SpinLockRelease(&shared->mutex);
+	my_slot = -1;
+}
+
+/* A worker announces itself, so that commits can wake it. */
+void
+trace_worker_slot_attach(int slot)
+{
+	Assert(slot >= 0 && slot < TRACE_MAX_WORKERS);
+	my_slot = slot;
+	SpinLockAcquire(&shared->mutex);
+	shared->pids[slot] = MyProcPid;
+	shared->latches[slot] = MyLatch;
+	SpinLockRelease(&shared->mutex);
+	on_shmem_exit(worker_slot_detach, (Datum) 0);
+}
+
+/* The pids of the running workers: their leases are not orphans. */
+int
+trace_live_worker_pids(int *pids, int max)
+{
+	int			n = 0;
+
+	SpinLockAcquire(&shared->mutex);
+	for (int i = 0; i < TRACE_MAX_WORKERS && n < max; i++)
+		if (shared->pids[i] != 0)
+			pids[n++] = shared->pids[i];
+	SpinLockRelease(&shared->mutex);
+	return n;
+}
+
+static void
+wake_workers(void)
+{
+	/*
+	 * Reading a latch pointer without the spinlock is safe: it points into
+	 * a PGPROC, which outlives the worker, and setting a stale latch only
+	 * causes a spurious wakeup.
+	 */
+	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+	{
+		Latch	   *latch = shared->latches[i];
+
+		if (latch != NULL)
+			SetLatch(latch);
+	}
+}
+
+static void
+xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_at_commit && shared != NULL)
+				wake_workers();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Ask for the workers to be woken when the current transaction commits:
+ * rows it queued become visible then, not before.
+ */
+void
+trace_request_wake(void)
+{
+	if (!trace_preloaded)
+		return;
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_at_commit = true;
+}
+
+/* Count one finished attempt (or configuration failure) of an item. */
+void
+trace_metrics_count(const TraceItem *item)
+{
+	TraceCounters *c;
+
+	if (shared == NULL)
+		return;
+	c = &shared->counters[item->adapter];
+
+	if (item->out.delivered)
+		pg_atomic_fetch_add_u64(&c->pushed, 1);
+	else
+		pg_atomic_fetch_add_u64(&c->failed[item->out.reason], 1);
+
+	if (item->out.posted)
+	{
+		double		s = item->out.seconds;
+		int			b;
+
+		pg_atomic_fetch_add_u64(&c->duration_count, 1);
+		pg_atomic_fetch_add_u64(&c->duration_sum_us, (uint64) (s * 1e6));
+		for (b = 0; b < NUM_BUCKETS; b++)
+			if (s <= trace_duration_buckets[b])
+				break;
+		if (b < NUM_BUCKETS)
+			pg_atomic_fetch_add_u64(&c->buckets[b], 1);
+	}
+}
+
+/* Totals of one adapter; zeros when shared memory is absent. */
+void
+trace_metrics_read(TraceAdapterKind kind, uint64 *pushed, uint64 *failed,
+				   uint64 *count, double *sum)
+{
+	TraceCounters *c;
+
+	*pushed = *failed = *count = 0;
+	*sum = 0;
+	if (shared == NULL)
+		return;
+	c = &shared->counters[kind];
+	*pushed = pg_atomic_read_u64(&c->pushed);
+	for (int r = 0; r < TRACE_NUM_REASONS; r++)
+		*failed += pg_atomic_read_u64(&c->failed[r]);
+	*count = pg_atomic_read_u64(&c->duration_count);
+	*sum = pg_atomic_read_u64(&c->duration_sum_us) / 1e6;
+}

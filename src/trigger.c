@@ -1,0 +1,374 @@
+/*
+ * trigger.c: putting closed trades on the queue.
+ *
+ * trace._on_trade_close() is the AFTER UPDATE trigger that trace.attach()
+ * installs; trace.enqueue() is the operator's backfill.  Both end in one
+ * prepared INSERT ... ON CONFLICT that queues one row per adapter for an
+ * opted-in user.  This runs inside the application's transaction: it does
+ * O(1) work, never touches the network, copies no personal data, and asks
+ * for the workers to be woken only when the transaction commits.
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+
+#include "src/trace_ext.h"
+
+PG_FUNCTION_INFO_V1(trace_on_trade_close);
+PG_FUNCTION_INFO_V1(trace_enqueue);
+PG_FUNCTION_INFO_V1(trace_wake);
+
+/*
+ * Prepared enqueue statements, one per trades table and key types.  A
+ * handful at most, so a short array searched in order is enough.
+ */
+typedef struct EnqueuePlan
+{
+	Oid			relid;
+	Oid			nspid;
+	Oid			types[3];		/* trade_id, user_id, signal_id */
+	SPIPlanPtr	plan;
+} EnqueuePlan;
+
+#define MAX_PLANS 16
+static EnqueuePlan plans[MAX_PLANS];
+static int	nplans = 0;
+
+static SPIPlanPtr
+prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
+{
+	const char *nsp = quote_identifier(get_namespace_name(nspid));
+	StringInfoData sql;
+	Oid			argtypes[7];
+	SPIPlanPtr	plan;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "INSERT INTO trace.trace_queue AS q (trade_id, adapter, trade_table, due_at) "
+					 "SELECT $1, a.name, $4, now() + make_interval(secs => $5) "
+					 "  FROM (SELECT DISTINCT x AS name FROM unnest($6) AS x) AS a "
+					 " WHERE EXISTS (SELECT 1 FROM %s.users u "
+					 "                WHERE u.user_id = $2 AND u.tracing_enabled) "
+					 "   AND (NOT $7 OR EXISTS (SELECT 1 FROM %s.signals s "
+					 "                           WHERE s.signal_id = $3 "
+					 "                             AND a.name = ANY (s.tracing_adapters))) "
+					 "ON CONFLICT (trade_id, adapter) DO UPDATE "
+					 "   SET status = 'pending', attempts = 0, due_at = EXCLUDED.due_at, "
+					 "       lease_owner = NULL, last_error = NULL, last_http_status = NULL, "
+					 "       delivered_at = NULL, created_at = now() "
+					 " WHERE q.status = 'cancelled'",
+					 nsp, nsp);
+
+	argtypes[0] = types[0];
+	argtypes[1] = types[1];
+	argtypes[2] = types[2];
+	argtypes[3] = REGCLASSOID;
+	argtypes[4] = FLOAT8OID;
+	argtypes[5] = TEXTARRAYOID;
+	argtypes[6] = BOOLOID;
+
+	plan = SPI_prepare(sql.data, 7, argtypes);
+	if (plan == NULL)
+		elog(ERROR, "trace_ext: could not prepare the enqueue statement: %s",
+			 SPI_result_code_string(SPI_result));
+	SPI_keepplan(plan);
+	pfree(sql.data);
+	return plan;
+}
+
+static SPIPlanPtr
+enqueue_plan(Oid relid, const Oid *types)
+{
+	Oid			nspid = get_rel_namespace(relid);
+
+	for (int i = 0; i < nplans; i++)
+	{
+		EnqueuePlan *p = &plans[i];
+
+		if (p->relid == relid && p->nspid == nspid &&
+			memcmp(p->types, types, sizeof(p->types)) == 0)
+			return p->plan;
+	}
+
+	if (nplans == MAX_PLANS)
+	{
+		/* Many tables over time: forget the oldest plan. */
+		SPI_freeplan(plans[0].plan);
+		memmove(&plans[0], &plans[1], sizeof(EnqueuePlan) * (MAX_PLANS - 1));
+		nplans--;
+	}
+	plans[nplans].relid = relid;
+	plans[nplans].nspid = nspid;
+	memcpy(plans[nplans].types, types, sizeof(plans[nplans].types));
+	plans[nplans].plan = prepare_enqueue(relid, nspid, types);
+	return plans[nplans++].plan;
+}
+
+/* The enabled adapters as a text[] datum, or NULL when none is enabled. */
+static ArrayType *
+enabled_adapters_array(void)
+{
+	Datum		names[TRACE_NUM_ADAPTERS];
+	int			n = 0;
+
+	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+		if (trace_adapter_enabled(kind))
+			names[n++] = CStringGetTextDatum(trace_adapter_name(kind));
+	if (n == 0)
+		return NULL;
+	return construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT);
+}
+
+/*
+ * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
+ * (signal's adapters that are enabled); otherwise exactly those adapters.
+ * Either way the user must have opted in.  Returns the rows queued or
+ * re-armed.  The caller has connected to SPI.
+ */
+int
+trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
+					Datum user_id, Oid user_id_type, bool user_null,
+					Datum signal_id, Oid signal_id_type, bool signal_null,
+					ArrayType *explicit_adapters)
+{
+	Oid			types[3] = {trade_id_type, user_id_type, signal_id_type};
+	ArrayType  *adapters = explicit_adapters;
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
+
+	if (adapters == NULL)
+		adapters = enabled_adapters_array();
+	if (adapters == NULL || user_null)
+		return 0;
+
+	values[0] = trade_id;
+	values[1] = user_id;
+	values[2] = signal_id;
+	if (signal_null)
+		nulls[2] = 'n';
+	values[3] = ObjectIdGetDatum(trade_table);
+	values[4] = Float8GetDatum((double) trace_delay_s);
+	values[5] = PointerGetDatum(adapters);
+	values[6] = BoolGetDatum(explicit_adapters == NULL);
+
+	rc = SPI_execute_plan(enqueue_plan(trade_table, types), values, nulls,
+						  false, 0);
+	if (rc != SPI_OK_INSERT)
+		elog(ERROR, "trace_ext: enqueue failed: %s", SPI_result_code_string(rc));
+
+	if (SPI_processed > 0)
+		trace_request_wake();
+	return (int) SPI_processed;
+}
+
+/* Read a column of the trades row by name; error if the table lacks it. */
+static Datum
+trade_column(Relation rel, HeapTuple tuple, const char *name, Oid *type,
+			 bool *isnull)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			attnum = SPI_fnumber(desc, name);
+
+	if (attnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("trace_ext: table \"%s\" has no column \"%s\"",
+						RelationGetRelationName(rel), name)));
+	*type = SPI_gettypeid(desc, attnum);
+	return SPI_getbinval(tuple, desc, attnum, isnull);
+}
+
+static bool
+status_is_closed(Relation rel, HeapTuple tuple)
+{
+	char	   *status = SPI_getvalue(tuple, RelationGetDescr(rel),
+									  SPI_fnumber(RelationGetDescr(rel), "status"));
+
+	return status != NULL && strcmp(status, "CLOSED") == 0;
+}
+
+/* The trigger: AFTER UPDATE FOR EACH ROW, WHEN status becomes CLOSED. */
+Datum
+trace_on_trade_close(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Relation	rel;
+	HeapTuple	newtuple;
+	Datum		trade_id,
+				user_id,
+				signal_id;
+	Oid			trade_type,
+				user_type,
+				signal_type;
+	bool		trade_null,
+				user_null,
+				signal_null;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) ||
+		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trace._on_trade_close() must be an AFTER UPDATE FOR EACH ROW trigger"),
+				 errhint("Use trace.attach() to install it.")));
+
+	rel = trigdata->tg_relation;
+	newtuple = trigdata->tg_newtuple;
+
+	/* The WHEN clause already checked this; stay correct without it. */
+	if (!status_is_closed(rel, newtuple) ||
+		status_is_closed(rel, trigdata->tg_trigtuple))
+		return PointerGetDatum(NULL);
+
+	trade_id = trade_column(rel, newtuple, "trade_id", &trade_type, &trade_null);
+	user_id = trade_column(rel, newtuple, "user_id", &user_type, &user_null);
+	signal_id = trade_column(rel, newtuple, "signal_id", &signal_type, &signal_null);
+	if (trade_null)
+		return PointerGetDatum(NULL);
+
+	SPI_connect();
+	trace_enqueue_trade(RelationGetRelid(rel), trade_id, trade_type,
+						user_id, user_type, user_null,
+						signal_id, signal_type, signal_null, NULL);
+	SPI_finish();
+
+	return PointerGetDatum(NULL);
+}
+
+/* Check the operator's adapter list: known names only, no NULLs. */
+static void
+check_adapter_names(ArrayType *adapters)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+
+	deconstruct_array(adapters, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (int i = 0; i < n; i++)
+	{
+		char	   *name;
+
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("trace.enqueue: adapters must not contain NULL")));
+		name = TextDatumGetCString(elems[i]);
+		if (trace_adapter_from_name(name) < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("trace.enqueue: unknown adapter \"%s\"", name),
+					 errhint("The adapters are myfxbook, webhook and file.")));
+	}
+}
+
+/*
+ * Queue trade_id if the table holds it; -1 when it does not.
+ */
+static int
+enqueue_from_table(Oid relid, int64 trade_id, ArrayType *adapters)
+{
+	char	   *sql;
+	Oid			argtype = INT8OID;
+	Datum		arg = Int64GetDatum(trade_id);
+	HeapTuple	row;
+	TupleDesc	desc;
+	bool		tnull,
+				unull,
+				snull;
+	Datum		t,
+				u,
+				s;
+
+	sql = psprintf("SELECT trade_id, user_id, signal_id FROM %s WHERE trade_id = $1",
+				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+											  get_rel_name(relid)));
+	if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not read trade %lld", (long long) trade_id);
+	if (SPI_processed == 0)
+		return -1;
+
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	t = SPI_getbinval(row, desc, 1, &tnull);
+	u = SPI_getbinval(row, desc, 2, &unull);
+	s = SPI_getbinval(row, desc, 3, &snull);
+	return trace_enqueue_trade(relid, t, SPI_gettypeid(desc, 1),
+							   u, SPI_gettypeid(desc, 2), unull,
+							   s, SPI_gettypeid(desc, 3), snull,
+							   adapters);
+}
+
+/*
+ * trace.enqueue(trade_id, adapters): find the trade in the attached trades
+ * tables and queue it.
+ */
+Datum
+trace_enqueue(PG_FUNCTION_ARGS)
+{
+	int64		trade_id;
+	ArrayType  *adapters = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	uint64		ntables;
+	Oid		   *relids;
+	int			queued = -1;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("trace.enqueue: trade_id must not be NULL")));
+	trade_id = PG_GETARG_INT64(0);
+	if (adapters != NULL)
+		check_adapter_names(adapters);
+
+	SPI_connect();
+	if (SPI_execute("SELECT t.tgrelid FROM pg_catalog.pg_trigger t "
+					" WHERE t.tgname = 'trace_ext_enqueue' "
+					"   AND t.tgfoid = 'trace._on_trade_close()'::pg_catalog.regprocedure "
+					" ORDER BY 1", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not list attached tables");
+	ntables = SPI_processed;
+	if (ntables == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("trace.enqueue: no trades table is attached"),
+				 errhint("Call trace.attach() first.")));
+
+	relids = palloc(sizeof(Oid) * ntables);
+	for (uint64 i = 0; i < ntables; i++)
+	{
+		bool		isnull;
+
+		relids[i] = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[i],
+												   SPI_tuptable->tupdesc, 1,
+												   &isnull));
+	}
+
+	for (uint64 i = 0; i < ntables && queued < 0; i++)
+		queued = enqueue_from_table(relids[i], trade_id, adapters);
+	SPI_finish();
+
+	if (queued < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("trace.enqueue: trade %lld not found in any attached trades table",
+						(long long) trade_id)));
+	PG_RETURN_INT32(queued);
+}
+
+/* trace._wake(): wake the workers when this transaction commits. */
+Datum
+trace_wake(PG_FUNCTION_ARGS)
+{
+	trace_request_wake();
+	PG_RETURN_VOID();
+}

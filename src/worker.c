@@ -1,0 +1,409 @@
+/*
+ * worker.c: the delivery workers' main loop.
+ *
+ * trace.workers background workers start once recovery has finished (a
+ * standby runs none), connect to trace.database and wait quietly until
+ * the extension exists there.  Each then loops: sleep until the earliest
+ * due_at, trace.poll_interval at most, or until an enqueuing transaction
+ * commits and sets our latch; then run a pass.  A pass claims due rows in
+ * a short transaction, hands them to the adapters and the HTTP driver,
+ * tops the pipe up as requests finish, and records outcomes in further
+ * short transactions.  No transaction or snapshot is open while requests
+ * are in flight.  An error in a pass is logged, its transaction aborted,
+ * its transfers dropped (their leases expire and they are sent again),
+ * and the worker carries on; SIGTERM ends it, SIGHUP reloads settings.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+
+#include "adapters/adapter.h"
+#include "src/trace_ext.h"
+
+/* While requests are in flight, how often the latch and settings are checked. */
+#define INFLIGHT_POLL_MS	20
+
+/*
+ * The rows of one claim share a memory context, freed when the last of
+ * them has been recorded.
+ */
+typedef struct TraceBatch
+{
+	MemoryContext cxt;
+	int			outstanding;
+} TraceBatch;
+
+static MemoryContext worker_cxt = NULL;
+
+/*
+ * Adapters run outside transactions but use PostgreSQL's crypto (HMAC,
+ * SHA-256), which registers with the current resource owner.
+ */
+static ResourceOwner adapter_owner = NULL;
+static TimestampTz last_cleanup = 0;
+
+void
+trace_register_workers(void)
+{
+	for (int i = 0; i < trace_workers; i++)
+	{
+		BackgroundWorker worker;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+			BGWORKER_BACKEND_DATABASE_CONNECTION;
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = 5;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "trace_ext");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "trace_worker_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "trace_ext worker %d", i + 1);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "trace_ext worker");
+		worker.bgw_main_arg = Int32GetDatum(i);
+		RegisterBackgroundWorker(&worker);
+	}
+}
+
+static void
+reload_if_asked(void)
+{
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+		trace_secrets_load();
+	}
+}
+
+static void
+batch_release(TraceItem *item)
+{
+	TraceBatch *batch = item->batch;
+
+	if (--batch->outstanding == 0)
+		MemoryContextDelete(batch->cxt);
+}
+
+/* Hand claimed items to their adapters: send, or finish at once. */
+static void
+dispatch(TraceItem *items, int n)
+{
+	for (int i = 0; i < n; i++)
+	{
+		TraceItem  *item = &items[i];
+		TraceRequest req;
+		TracePrep	prep;
+
+		if (item->cancelled)
+		{
+			batch_release(item);
+			continue;
+		}
+		if (item->out.done)		/* failed while building the payload */
+		{
+			trace_http_push_done(item);
+			continue;
+		}
+		memset(&req, 0, sizeof(req));
+		CurrentResourceOwner = adapter_owner;
+		prep = trace_adapter(item->adapter)->prepare(item, &req);
+		CurrentResourceOwner = NULL;
+		if (prep == TRACE_PREP_SEND)
+			trace_http_start(item, &req);
+		else
+			trace_http_push_done(item);
+	}
+}
+
+/* Claim and dispatch up to `slots` rows; false when fewer were due. */
+static bool
+claim_more(int slots, TimestampTz *next_due)
+{
+	bool		saturated[TRACE_NUM_ADAPTERS] = {false};
+	int			enabled = 0;
+	int			cap = Max(1, (trace_batch_size * 3) / 4);
+	TraceBatch *batch;
+	MemoryContext cxt;
+	MemoryContext old;
+	TraceItem  *items;
+	TimestampTz due;
+	int			n;
+
+	/*
+	 * With several trackers, none may take every slot: a hanging tracker
+	 * must not hold up the others' deliveries.
+	 */
+	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		enabled += trace_adapter_enabled(a) ? 1 : 0;
+	if (enabled > 1)
+		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+			saturated[a] = trace_http_inflight(a) >= cap;
+
+	cxt = AllocSetContextCreate(worker_cxt, "trace_ext batch", ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(cxt);
+	batch = palloc(sizeof(TraceBatch));
+	batch->cxt = cxt;
+	n = trace_queue_claim(slots, saturated, &items, &due);
+	MemoryContextSwitchTo(old);
+
+	if (n == 0)
+		MemoryContextDelete(cxt);
+	else
+	{
+		batch->outstanding = n;
+		for (int i = 0; i < n; i++)
+			items[i].batch = batch;
+		old = MemoryContextSwitchTo(cxt);
+		dispatch(items, n);
+		MemoryContextSwitchTo(old);
+	}
+
+	if (n < slots)
+	{
+		*next_due = due;
+		return false;
+	}
+	return true;
+}
+
+/* Record every finished item in one transaction. */
+static TimestampTz
+record_done(void)
+{
+	TraceItem **items;
+	TraceItem  *item;
+	int			n = 0;
+	int			size = 64;
+	TimestampTz retry_at;
+	MemoryContext scratch = AllocSetContextCreate(worker_cxt, "trace_ext record",
+												  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(scratch);
+
+	items = palloc(sizeof(TraceItem *) * size);
+	while ((item = trace_http_next_done()) != NULL)
+	{
+		if (n == size)
+		{
+			size *= 2;
+			items = repalloc(items, sizeof(TraceItem *) * size);
+		}
+		items[n++] = item;
+	}
+	retry_at = (n > 0) ? trace_queue_record(items, n) : DT_NOEND;
+	for (int i = 0; i < n; i++)
+		batch_release(items[i]);
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(scratch);
+	return retry_at;
+}
+
+/*
+ * One pass: keep claiming, sending and recording until nothing is in
+ * flight and nothing more is due.  Returns when the next row is due.
+ */
+static TimestampTz
+run_pass(void)
+{
+	bool		may_have_due = true;
+	TimestampTz next_due = DT_NOEND;
+	TimestampTz claim_due = DT_NOEND;
+
+	for (;;)
+	{
+		int			inflight;
+		int			slots;
+
+		CHECK_FOR_INTERRUPTS();
+		reload_if_asked();
+
+		/* A commit woke us, or a row we know of became due. */
+		if (MyLatch->is_set)
+		{
+			ResetLatch(MyLatch);
+			may_have_due = true;
+		}
+		if (!may_have_due && claim_due != DT_NOEND &&
+			GetCurrentTimestamp() >= claim_due)
+			may_have_due = true;
+
+		inflight = trace_http_inflight_total();
+		slots = trace_batch_size - inflight;
+		if (may_have_due && slots > 0 &&
+			(inflight == 0 || slots >= Max(1, trace_batch_size / 2)))
+		{
+			claim_due = DT_NOEND;
+			may_have_due = claim_more(slots, &claim_due);
+		}
+
+		if (trace_http_has_done())
+		{
+			TimestampTz retry_at = record_done();
+
+			next_due = Min(next_due, retry_at);
+		}
+
+		if (trace_http_inflight_total() == 0 && !may_have_due &&
+			!trace_http_has_done())
+			break;
+		trace_http_poll(INFLIGHT_POLL_MS);
+	}
+	return Min(next_due, claim_due);
+}
+
+static void
+forget_pass_state(void)
+{
+	trace_http_abort_all();
+	MemoryContextReset(worker_cxt);
+}
+
+/* Run a pass; on error, log it, clean up and carry on. */
+static TimestampTz
+run_pass_guarded(bool *extension_ok)
+{
+	TimestampTz next_due = DT_NOEND;
+
+	PG_TRY();
+	{
+		next_due = run_pass();
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		CurrentResourceOwner = NULL;
+		forget_pass_state();
+		pgstat_report_activity(STATE_IDLE, NULL);
+		*extension_ok = false;
+		next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+											   Max(trace_poll_interval_ms, 1000));
+	}
+	PG_END_TRY();
+	return next_due;
+}
+
+static void
+cleanup_if_due(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			every_s = Min(3600, Max(1, trace_ttl_s / 4));
+
+	if (!TimestampDifferenceExceeds(last_cleanup, now, every_s * 1000))
+		return;
+	last_cleanup = now;
+	PG_TRY();
+	{
+		int64		deleted = trace_queue_cleanup();
+
+		if (deleted > 0)
+			ereport(LOG,
+					(errmsg("trace_ext: deleted " INT64_FORMAT " queue rows older than trace.ttl",
+							deleted)));
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+	}
+	PG_END_TRY();
+}
+
+static void
+sleep_until(TimestampTz when)
+{
+	long		timeout = trace_poll_interval_ms;
+
+	if (when != DT_NOEND)
+	{
+		long		until = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), when);
+
+		timeout = Min(timeout, until);
+	}
+	if (timeout > 0)
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	reload_if_asked();
+}
+
+/* Wait, logging once, until CREATE EXTENSION trace_ext has run here. */
+static void
+wait_for_extension(void)
+{
+	bool		logged = false;
+
+	while (!trace_extension_present())
+	{
+		if (!logged)
+			ereport(LOG,
+					(errmsg("trace_ext: waiting for CREATE EXTENSION trace_ext in database \"%s\"",
+							trace_database)));
+		logged = true;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(trace_poll_interval_ms, 1000), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		reload_if_asked();
+	}
+	if (logged)
+		ereport(LOG, (errmsg("trace_ext: extension found; delivering")));
+}
+
+void
+trace_worker_main(Datum arg)
+{
+	int			slot = DatumGetInt32(arg);
+	bool		extension_ok = false;
+	TimestampTz next_due = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	trace_worker_slot_attach(slot);
+	BackgroundWorkerInitializeConnection(trace_database, NULL, 0);
+	pgstat_report_appname("trace_ext worker");
+
+	worker_cxt = AllocSetContextCreate(TopMemoryContext, "trace_ext worker",
+									   ALLOCSET_DEFAULT_SIZES);
+	adapter_owner = ResourceOwnerCreate(NULL, "trace_ext adapters");
+	trace_secrets_load();
+	trace_http_init();
+
+	for (;;)
+	{
+		if (!extension_ok)
+		{
+			wait_for_extension();
+			extension_ok = true;
+			PG_TRY();
+			{
+				trace_queue_release_orphans();
+			}
+			PG_CATCH();
+			{
+				EmitErrorReport();
+				FlushErrorState();
+				AbortOutOfAnyTransaction();
+			}
+			PG_END_TRY();
+		}
+
+		next_due = run_pass_guarded(&extension_ok);
+		cleanup_if_due();
+		sleep_until(next_due);
+	}
+}

@@ -1,0 +1,57 @@
+/*
+ * trace_ext.c: entry point of the trace_ext library.
+ *
+ * _PG_init defines the parameters and, when the library is preloaded,
+ * requests shared memory, installs the log redaction hook and registers the
+ * delivery workers.  Loaded on demand instead (no preload), the library
+ * still serves the SQL surface: trades are queued, and nothing is sent.
+ * The small SQL-callable helpers that belong to no other file live here.
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/timestamp.h"
+
+#include "src/trace_ext.h"
+
+PG_MODULE_MAGIC;
+
+bool		trace_preloaded = false;
+
+void		_PG_init(void);
+
+void
+_PG_init(void)
+{
+	trace_preloaded = process_shared_preload_libraries_in_progress;
+
+	trace_define_gucs();
+
+	if (!trace_preloaded)
+		return;
+
+	trace_shmem_install();
+	trace_install_log_redaction();
+	trace_register_workers();
+}
+
+PG_FUNCTION_INFO_V1(trace_preloaded_fn);
+PG_FUNCTION_INFO_V1(trace_ttl);
+
+/* trace._preloaded(): is the library in shared_preload_libraries? */
+Datum
+trace_preloaded_fn(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(trace_preloaded);
+}
+
+/* trace._ttl(): trace.ttl as an interval, for trace.cleanup(). */
+Datum
+trace_ttl(PG_FUNCTION_ARGS)
+{
+	Interval   *result = palloc0(sizeof(Interval));
+
+	result->time = (int64) trace_ttl_s * USECS_PER_SEC;
+	PG_RETURN_INTERVAL_P(result);
+}
