@@ -10,6 +10,12 @@
 
 \echo Use "CREATE EXTENSION trace_ext" to load this file. \quit
 
+-- The extension's own schema: created here so that it is a member of the
+-- extension.  A schema "trace" that already exists (someone else's) makes
+-- CREATE EXTENSION fail rather than put our objects in it.
+CREATE SCHEMA trace;
+COMMENT ON SCHEMA trace IS 'trace_ext: delivery queue, monitoring views, operator functions';
+
 /* ------------------------------------------------------------------------
  * The queue: one row per (trade, adapter).  It references the trade; it
  * never copies it, so it holds no personal data.

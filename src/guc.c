@@ -3,9 +3,8 @@
  *
  * Every parameter of INTERFACE.md is defined here, with its unit, its range
  * and a check hook that rejects a bad value with a message naming the
- * parameter.  Secret parameters are superuser-only and show "********" to
- * everyone; their check hooks never fail, because PostgreSQL would print
- * the rejected value.  Nothing here touches the network or the catalogs.
+ * parameter.  The secret parameters are defined by secrets.c.  Nothing
+ * here touches the network or the catalogs.
  */
 #include "postgres.h"
 
@@ -31,19 +30,14 @@ int			trace_http_timeout_ms = 10000;
 char	   *trace_enabled_adapters = NULL;
 char	   *trace_payload_columns = NULL;
 char	   *trace_myfxbook_url = NULL;
-char	   *trace_myfxbook_token = NULL;
 char	   *trace_webhook_endpoint = NULL;
 char	   *trace_webhook_auth_header = NULL;
-char	   *trace_webhook_auth_token = NULL;
-char	   *trace_webhook_signing_secret = NULL;
 char	   *trace_file_export_type = NULL;
 char	   *trace_file_export_dir = NULL;
 char	   *trace_s3_endpoint = NULL;
 char	   *trace_s3_region = NULL;
 char	   *trace_s3_bucket = NULL;
 char	   *trace_s3_prefix = NULL;
-char	   *trace_s3_access_key_id = NULL;
-char	   *trace_s3_secret_access_key = NULL;
 char	   *trace_secrets_file = NULL;
 char	   *trace_ca_file = NULL;
 
@@ -301,43 +295,6 @@ check_s3_prefix(char **newval, void **extra, GucSource source)
 	return false;
 }
 
-/* Secrets show as ******** when set, to everyone. */
-static const char *
-show_secret(const char *value)
-{
-	return (value != NULL && value[0] != '\0') ? "********" : "";
-}
-
-static const char *
-show_myfxbook_token(void)
-{
-	return show_secret(trace_myfxbook_token);
-}
-
-static const char *
-show_webhook_auth_token(void)
-{
-	return show_secret(trace_webhook_auth_token);
-}
-
-static const char *
-show_webhook_signing_secret(void)
-{
-	return show_secret(trace_webhook_signing_secret);
-}
-
-static const char *
-show_s3_access_key_id(void)
-{
-	return show_secret(trace_s3_access_key_id);
-}
-
-static const char *
-show_s3_secret_access_key(void)
-{
-	return show_secret(trace_s3_secret_access_key);
-}
-
 static void
 define_string(const char *name, const char *desc, char **var, const char *boot,
 			  GucContext context, int flags, GucStringCheckHook check,
@@ -345,14 +302,6 @@ define_string(const char *name, const char *desc, char **var, const char *boot,
 {
 	DefineCustomStringVariable(name, desc, NULL, var, boot, context, flags,
 							   check, assign, show);
-}
-
-static void
-define_secret(const char *name, const char *desc, char **var, GucShowHook show)
-{
-	define_string(name, desc, var, "", PGC_SIGHUP,
-				  GUC_SUPERUSER_ONLY,
-				  NULL, NULL, show);
 }
 
 static void
@@ -405,18 +354,12 @@ trace_define_gucs(void)
 	define_string("trace.myfxbook_webhook_url", "URL the myfxbook adapter posts to.",
 				  &trace_myfxbook_url, "", PGC_SIGHUP, 0,
 				  check_myfxbook_url, NULL, NULL);
-	define_secret("trace.myfxbook_webhook_token", "Bearer token of the myfxbook adapter.",
-				  &trace_myfxbook_token, show_myfxbook_token);
 	define_string("trace.webhook_endpoint", "URL the webhook adapter posts to.",
 				  &trace_webhook_endpoint, "", PGC_SIGHUP, 0,
 				  check_webhook_endpoint, NULL, NULL);
 	define_string("trace.webhook_auth_header", "Header that carries the webhook token.",
 				  &trace_webhook_auth_header, "Authorization", PGC_SIGHUP, 0,
 				  check_auth_header, NULL, NULL);
-	define_secret("trace.webhook_auth_token", "Value of the webhook auth header.",
-				  &trace_webhook_auth_token, show_webhook_auth_token);
-	define_secret("trace.webhook_signing_secret", "Standard Webhooks signing secret.",
-				  &trace_webhook_signing_secret, show_webhook_signing_secret);
 
 	define_string("trace.file_export_type", "File export target: local or s3.",
 				  &trace_file_export_type, "local", PGC_SIGHUP, 0,
@@ -434,16 +377,14 @@ trace_define_gucs(void)
 	define_string("trace.s3_prefix", "Key prefix of the S3 export.",
 				  &trace_s3_prefix, "traces/", PGC_SIGHUP, 0,
 				  check_s3_prefix, NULL, NULL);
-	define_secret("trace.s3_access_key_id", "S3 access key id.",
-				  &trace_s3_access_key_id, show_s3_access_key_id);
-	define_secret("trace.s3_secret_access_key", "S3 secret access key.",
-				  &trace_s3_secret_access_key, show_s3_secret_access_key);
 
 	define_string("trace.secrets_file", "File of name = value lines for the secret parameters (mode 0600).",
 				  &trace_secrets_file, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 				  check_secrets_file, NULL, NULL);
 	define_string("trace.ca_file", "Extra CA bundle for HTTPS trackers.",
 				  &trace_ca_file, "", PGC_SIGHUP, 0, check_ca_file, NULL, NULL);
+
+	trace_define_secret_gucs();
 
 	MarkGUCPrefixReserved("trace");
 }

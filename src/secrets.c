@@ -25,16 +25,18 @@
 typedef struct SecretDef
 {
 	const char *name;			/* without the "trace." prefix */
-	char	  **guc;			/* the GUC variable */
+	const char *desc;
+	char	   *masked;			/* the GUC variable: "********" or "" */
+	const char *value;			/* the real value (the GUC's extra) */
 	char	   *from_file;		/* malloc'd value from the secrets file */
 } SecretDef;
 
 static SecretDef secrets[] = {
-	{"myfxbook_webhook_token", &trace_myfxbook_token, NULL},
-	{"webhook_auth_token", &trace_webhook_auth_token, NULL},
-	{"webhook_signing_secret", &trace_webhook_signing_secret, NULL},
-	{"s3_access_key_id", &trace_s3_access_key_id, NULL},
-	{"s3_secret_access_key", &trace_s3_secret_access_key, NULL},
+	{"myfxbook_webhook_token", "Bearer token of the myfxbook adapter."},
+	{"webhook_auth_token", "Value of the webhook auth header."},
+	{"webhook_signing_secret", "Standard Webhooks signing secret."},
+	{"s3_access_key_id", "S3 access key id."},
+	{"s3_secret_access_key", "S3 secret access key."},
 };
 
 #define NUM_SECRETS lengthof(secrets)
@@ -63,7 +65,71 @@ trace_secret(const char *name)
 		elog(ERROR, "trace_ext: unknown secret");
 	if (s->from_file != NULL)
 		return s->from_file;
-	return *s->guc ? *s->guc : "";
+	return s->value ? s->value : "";
+}
+
+/*
+ * A secret parameter's check hook: keep the real value aside (as the
+ * setting's "extra", which PostgreSQL carries along with the value through
+ * SET, RESET and reloads) and store "********" as the value itself, so that
+ * no view shows it: not SHOW, not pg_settings.setting, not reset_val.
+ * It never fails: PostgreSQL would print the rejected value.
+ */
+static bool
+check_secret(char **newval, void **extra, GucSource source)
+{
+	const char *value = *newval ? *newval : "";
+	char	   *real = strdup(value);
+
+	if (real == NULL)
+		return false;
+	if (value[0] != '\0' && strcmp(value, REDACTED) != 0)
+	{
+		char	   *masked = strdup(REDACTED);
+
+		if (masked == NULL)
+		{
+			free(real);
+			return false;
+		}
+		free(*newval);
+		*newval = masked;
+	}
+	*extra = real;
+	return true;
+}
+
+/* One assign hook per secret: PostgreSQL does not say which is assigned. */
+#define ASSIGN_SECRET(i) \
+static void \
+assign_secret_##i(const char *newval, void *extra) \
+{ \
+	secrets[i].value = extra; \
+}
+ASSIGN_SECRET(0)
+ASSIGN_SECRET(1)
+ASSIGN_SECRET(2)
+ASSIGN_SECRET(3)
+ASSIGN_SECRET(4)
+
+static GucStringAssignHook const assign_hooks[NUM_SECRETS] = {
+	assign_secret_0, assign_secret_1, assign_secret_2, assign_secret_3,
+	assign_secret_4
+};
+
+void
+trace_define_secret_gucs(void)
+{
+	for (int i = 0; i < NUM_SECRETS; i++)
+	{
+		char		name[64];
+
+		snprintf(name, sizeof(name), "trace.%s", secrets[i].name);
+		DefineCustomStringVariable(pstrdup(name), secrets[i].desc, NULL,
+								   &secrets[i].masked, "", PGC_SIGHUP,
+								   GUC_SUPERUSER_ONLY, check_secret,
+								   assign_hooks[i], NULL);
+	}
 }
 
 static char *
@@ -241,7 +307,7 @@ redact_values(char *text)
 		return NULL;
 	for (int i = 0; i < NUM_SECRETS; i++)
 	{
-		const char *values[2] = {*secrets[i].guc, secrets[i].from_file};
+		const char *values[2] = {secrets[i].value, secrets[i].from_file};
 
 		for (int v = 0; v < 2; v++)
 		{

@@ -93,19 +93,14 @@ extern int	trace_http_timeout_ms;
 extern char *trace_enabled_adapters;
 extern char *trace_payload_columns;
 extern char *trace_myfxbook_url;
-extern char *trace_myfxbook_token;
 extern char *trace_webhook_endpoint;
 extern char *trace_webhook_auth_header;
-extern char *trace_webhook_auth_token;
-extern char *trace_webhook_signing_secret;
 extern char *trace_file_export_type;
 extern char *trace_file_export_dir;
 extern char *trace_s3_endpoint;
 extern char *trace_s3_region;
 extern char *trace_s3_bucket;
 extern char *trace_s3_prefix;
-extern char *trace_s3_access_key_id;
-extern char *trace_s3_secret_access_key;
 extern char *trace_secrets_file;
 extern char *trace_ca_file;
 
@@ -117,6 +112,7 @@ extern const char *trace_reason_name(TraceReason reason);
 extern bool trace_url_scheme_ok(const char *url);
 
 /* ---- secrets.c ---- */
+extern void trace_define_secret_gucs(void);
 extern void trace_secrets_load(void);
 extern bool trace_secrets_file_safe(const char *path, const char **why);
 extern const char *trace_secret(const char *name);

@@ -35,6 +35,13 @@
 #define INFLIGHT_POLL_MS	20
 
 /*
+ * Shortest sleep after a pass that claimed nothing although a row looked
+ * due: such a row is locked by someone else's open transaction, and
+ * looking again at once would spin.
+ */
+#define LOCKED_ROW_SLEEP_MS	50
+
+/*
  * The rows of one claim share a memory context, freed when the last of
  * them has been recorded.
  */
@@ -45,6 +52,7 @@ typedef struct TraceBatch
 } TraceBatch;
 
 static MemoryContext worker_cxt = NULL;
+static int	rows_claimed = 0;		/* by the current pass */
 
 /*
  * Adapters run outside transactions but use PostgreSQL's crypto (HMAC,
@@ -155,6 +163,7 @@ claim_more(int slots, TimestampTz *next_due)
 	batch->cxt = cxt;
 	n = trace_queue_claim(slots, saturated, &items, &due);
 	MemoryContextSwitchTo(old);
+	rows_claimed += n;
 
 	if (n == 0)
 		MemoryContextDelete(cxt);
@@ -218,6 +227,7 @@ run_pass(void)
 	TimestampTz next_due = DT_NOEND;
 	TimestampTz claim_due = DT_NOEND;
 
+	rows_claimed = 0;
 	for (;;)
 	{
 		int			inflight;
@@ -330,6 +340,8 @@ sleep_until(TimestampTz when)
 		long		until = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), when);
 
 		timeout = Min(timeout, until);
+		if (rows_claimed == 0)
+			timeout = Max(timeout, Min(LOCKED_ROW_SLEEP_MS, trace_poll_interval_ms));
 	}
 	if (timeout > 0)
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

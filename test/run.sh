@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+#
+# test/run.sh: every test of trace_ext, in one command.
+#
+# For a fresh Debian 12 machine, as root (or it re-runs itself with sudo):
+# installs the Debian packages that are missing, builds and installs the
+# extension, then runs three layers and exits non-zero if any fails:
+#
+#   pg_regress  sql/ + expected/: the SQL surface     (throwaway cluster with
+#   pgTAP       test/pgtap/: trigger and queue specs   the preload, pg_virtualenv)
+#   e2e         test/e2e/: a real worker and tracker  (its own clusters)
+#
+# It never touches an existing cluster: the throwaway one lives in a
+# temporary directory and is dropped on exit.  The last line of output is
+# always "N passed, N failed" (layers).
+#
+# Usage: test/run.sh [--no-install] [--no-build] [--only LAYER]...
+#   --no-install  do not call apt-get (the packages are already there)
+#   --no-build    do not run make clean/make/make install
+#   --only LAYER  run only this layer (regress, pgtap, e2e); repeatable
+#
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+self="$repo/test/run.sh"
+
+# ---------------------------------------------------------------------------
+# Inner mode: run inside pg_virtualenv (PG* variables point at the
+# throwaway cluster).  Writes one status file per layer into $2.
+# ---------------------------------------------------------------------------
+if [ "${1:-}" = "--inside-virtualenv" ]; then
+    status_dir=$2
+    shift 2
+    cd "$repo"
+    want() { [ -z "${ONLY_LAYERS:-}" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
+
+    if want regress; then
+        echo "=== pg_regress (make installcheck) ==="
+        rm -rf results regression.diffs regression.out
+        if make installcheck; then
+            echo pass >"$status_dir/regress"
+        else
+            echo fail >"$status_dir/regress"
+            if [ -f regression.diffs ]; then
+                echo "--- regression.diffs ---"
+                cat regression.diffs
+            fi
+        fi
+    fi
+
+    if want pgtap; then
+        echo "=== pgTAP (pg_prove test/pgtap) ==="
+        # The reference trade store: ../shared/fixtures beside the
+        # repository when it is there, else the copy in test/fixtures (which
+        # pg_regress always uses).
+        fixture="$repo/../shared/fixtures/trade_store.sql"
+        if [ -f "$fixture" ]; then
+            cmp -s "$fixture" "$repo/test/fixtures/trade_store.sql" ||
+                echo "WARNING: test/fixtures/trade_store.sql differs from $fixture" >&2
+        else
+            fixture="$repo/test/fixtures/trade_store.sql"
+        fi
+        db=trace_pgtap
+        # The specs expect two adapters of three enabled, so that the
+        # intersection with a signal's adapters shows.  A reloadable setting:
+        # ALTER SYSTEM, reload, and new connections see it.
+        prepare_pgtap_db() {
+            PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 -d postgres \
+                 -c "DROP DATABASE IF EXISTS $db" \
+                 -c "CREATE DATABASE $db" \
+                 -c "ALTER SYSTEM SET trace.enabled_adapters = 'myfxbook,webhook'" \
+                 -c "SELECT pg_reload_conf()" >/dev/null &&
+            psql -X -q -v ON_ERROR_STOP=1 -d "$db" -f "$fixture" >/dev/null &&
+            psql -X -q -v ON_ERROR_STOP=1 -d "$db" \
+                 -c "SET client_min_messages = error" \
+                 -c "CREATE EXTENSION pgtap" \
+                 -c "CREATE EXTENSION trace_ext" >/dev/null
+        }
+        if prepare_pgtap_db
+        then
+            if pg_prove -d "$db" "$repo"/test/pgtap/*.sql; then
+                echo pass >"$status_dir/pgtap"
+            else
+                echo fail >"$status_dir/pgtap"
+            fi
+        else
+            echo "could not prepare database $db for pgTAP" >&2
+            echo fail >"$status_dir/pgtap"
+        fi
+        psql -X -q -d postgres -c "ALTER SYSTEM RESET trace.enabled_adapters" \
+             -c "SELECT pg_reload_conf()" >/dev/null 2>&1 || true
+    fi
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# Outer mode.
+# ---------------------------------------------------------------------------
+args=("$@")
+do_install=1
+do_build=1
+ONLY_LAYERS=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --no-install) do_install= ;;
+        --no-build) do_build= ;;
+        --only) ONLY_LAYERS="$ONLY_LAYERS ${2:?--only needs a layer}"; shift ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$self" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown option: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+export ONLY_LAYERS
+
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then
+        exec sudo --preserve-env=CI "$self" "${args[@]}"
+    fi
+    echo "test/run.sh must run as root (it installs packages and the extension)" >&2
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+export LC_ALL=C.UTF-8 LANG=C.UTF-8
+export PGVERSION=15
+export PATH="/usr/lib/postgresql/15/bin:$PATH"
+export PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+cd "$repo"
+
+start=$(date +%s)
+declare -A result
+layers=(build regress pgtap e2e)
+for l in "${layers[@]}"; do result[$l]=skip; done
+
+want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
+
+# --- packages --------------------------------------------------------------
+packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
+          postgresql-15-pgtap pgtap python3-psycopg2 make gcc)
+if [ -n "$do_install" ]; then
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "=== installing: ${missing[*]} ==="
+        if ! { apt-get update -q &&
+               apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null; }
+        then
+            echo "could not install the Debian packages: ${missing[*]}" >&2
+            echo "0 passed, 1 failed"
+            exit 1
+        fi
+    fi
+fi
+
+# --- build -----------------------------------------------------------------
+if [ -n "$do_build" ]; then
+    echo "=== build: make clean && make && make install ==="
+    if make -s clean && make -s && make -s install; then
+        result[build]=pass
+    else
+        result[build]=fail
+    fi
+else
+    result[build]=pass
+fi
+
+# --- pg_regress and pgTAP, on one throwaway cluster with the preload --------
+status_dir=$(mktemp -d)
+trap 'rm -rf "$status_dir"' EXIT
+if [ "${result[build]}" = pass ] && { want regress || want pgtap; }; then
+    # A temporary directory (-t) even as root, so that an existing cluster
+    # or a stale /etc/postgresql/15/regress is never in the way.  The
+    # cluster takes its locale from LC_ALL (C.UTF-8, the same everywhere).
+    pg_virtualenv -t -v 15 \
+        -o shared_preload_libraries=trace_ext \
+        "$self" --inside-virtualenv "$status_dir"
+    for l in regress pgtap; do
+        want "$l" || continue
+        if [ -f "$status_dir/$l" ]; then
+            result[$l]=$(cat "$status_dir/$l")
+        else
+            result[$l]=fail     # the throwaway cluster did not come up
+        fi
+    done
+elif [ "${result[build]}" != pass ]; then
+    for l in regress pgtap; do want "$l" && result[$l]=fail; done
+fi
+
+# --- end to end --------------------------------------------------------------
+if want e2e; then
+    if [ "${result[build]}" != pass ]; then
+        result[e2e]=fail
+    elif [ -d "$repo/test/e2e" ] && compgen -G "$repo/test/e2e/*.t" >/dev/null; then
+        echo "=== end to end (prove test/e2e) ==="
+        # Verbose TAP goes to a log; shown here: every failed test with its
+        # diagnostics, a count per file, and prove's own summary.
+        e2e_log="$status_dir/e2e.log"
+        if prove -v --exec /usr/bin/python3 "$repo"/test/e2e/ >"$e2e_log" 2>&1; then
+            result[e2e]=pass
+        else
+            result[e2e]=fail
+        fi
+        awk '
+            /\.t \.+ $/        { file = $1; order[++n] = file; next }
+            /^not ok [0-9]/    { bad[file]++; print file ": " $0; indiag = 1; next }
+            indiag && /^#/     { print "    " $0; next }
+                               { indiag = 0 }
+            /^ok [0-9]/        { good[file]++ }
+            /^(Test Summary Report|All tests successful)/ { tail = 1 }
+            tail               { rest = rest $0 "\n" }
+            END {
+                for (i = 1; i <= n; i++)
+                    printf "  %-50s %d passed, %d failed\n", order[i], good[order[i]], bad[order[i]]
+                printf "%s", rest
+            }' "$e2e_log"
+    fi
+fi
+
+# --- summary -----------------------------------------------------------------
+passed=0
+failed=0
+echo
+echo "=== summary ($(( $(date +%s) - start ))s) ==="
+for l in "${layers[@]}"; do
+    case ${result[$l]} in
+        pass) passed=$((passed + 1)); printf '  %-8s PASS\n' "$l" ;;
+        fail) failed=$((failed + 1)); printf '  %-8s FAIL\n' "$l" ;;
+        *) printf '  %-8s skipped\n' "$l" ;;
+    esac
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
