@@ -41,6 +41,7 @@ typedef struct TraceShared
 	slock_t		mutex;			/* guards pids and latches */
 	pid_t		pids[TRACE_MAX_WORKERS];
 	Latch	   *latches[TRACE_MAX_WORKERS];
+	bool		database_missing;	/* a worker found trace.database absent */
 	TraceCounters counters[TRACE_NUM_ADAPTERS];
 } TraceShared;
 
@@ -141,6 +142,29 @@ trace_live_worker_pids(int *pids, int max)
 			pids[n++] = shared->pids[i];
 	SpinLockRelease(&shared->mutex);
 	return n;
+}
+
+/*
+ * Whether trace.database was missing when a worker last tried it: workers
+ * then wait for it quietly instead of failing at every restart.
+ */
+bool
+trace_database_missing(void)
+{
+	bool		missing;
+
+	SpinLockAcquire(&shared->mutex);
+	missing = shared->database_missing;
+	SpinLockRelease(&shared->mutex);
+	return missing;
+}
+
+void
+trace_set_database_missing(bool missing)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->database_missing = missing;
+	SpinLockRelease(&shared->mutex);
 }
 
 static void

@@ -124,6 +124,8 @@ extern void trace_shmem_install(void);
 extern bool trace_shmem_ready(void);
 extern void trace_worker_slot_attach(int slot);
 extern int	trace_live_worker_pids(int *pids, int max);
+extern bool trace_database_missing(void);
+extern void trace_set_database_missing(bool missing);
 extern void trace_request_wake(void);
 extern void trace_metrics_count(const TraceItem *item);
 extern void trace_metrics_read(TraceAdapterKind kind, uint64 *pushed,

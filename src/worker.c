@@ -12,10 +12,12 @@
  * are in flight.  An error in a pass is logged, its transaction aborted,
  * its transfers dropped (their leases expire and they are sent again),
  * and the worker carries on; SIGTERM ends it, SIGHUP reloads settings.
+ * A worker that exits is restarted by the postmaster after a second.
  */
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -72,7 +74,7 @@ trace_register_workers(void)
 		worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
 			BGWORKER_BACKEND_DATABASE_CONNECTION;
 		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		worker.bgw_restart_time = 5;
+		worker.bgw_restart_time = 1;
 		snprintf(worker.bgw_library_name, BGW_MAXLEN, "trace_ext");
 		snprintf(worker.bgw_function_name, BGW_MAXLEN, "trace_worker_main");
 		snprintf(worker.bgw_name, BGW_MAXLEN, "trace_ext worker %d", i + 1);
@@ -374,6 +376,66 @@ wait_for_extension(void)
 		ereport(LOG, (errmsg("trace_ext: extension found; delivering")));
 }
 
+/* A worker that dies before its connection is made says why, for the next. */
+static bool connected = false;
+
+static void
+remember_connect_failure(int code, Datum arg)
+{
+	if (!connected)
+		trace_set_database_missing(true);
+}
+
+/*
+ * trace.database does not exist (yet): connected to no database, look for
+ * it now and then, saying so once; when it appears, exit so that the
+ * postmaster restarts the worker, which then connects to it.
+ */
+static void
+wait_for_database(void)
+{
+	bool		logged = false;
+
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	for (;;)
+	{
+		bool		exists;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		exists = OidIsValid(get_database_oid(trace_database, true));
+		CommitTransactionCommand();
+		if (exists)
+		{
+			trace_set_database_missing(false);
+			ereport(LOG,
+					(errmsg("trace_ext: database \"%s\" exists now; the worker restarts to connect to it",
+							trace_database)));
+			proc_exit(1);
+		}
+		if (!logged)
+			ereport(LOG,
+					(errmsg("trace_ext: waiting for database \"%s\" (trace.database) to be created",
+							trace_database)));
+		logged = true;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(trace_poll_interval_ms, 1000), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		reload_if_asked();
+	}
+}
+
+static void
+connect_to_database(void)
+{
+	if (trace_database_missing())
+		wait_for_database();	/* does not return */
+	on_proc_exit(remember_connect_failure, (Datum) 0);
+	BackgroundWorkerInitializeConnection(trace_database, NULL, 0);
+	connected = true;
+}
+
 void
 trace_worker_main(Datum arg)
 {
@@ -386,7 +448,7 @@ trace_worker_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 
 	trace_worker_slot_attach(slot);
-	BackgroundWorkerInitializeConnection(trace_database, NULL, 0);
+	connect_to_database();
 	pgstat_report_appname("trace_ext worker");
 
 	worker_cxt = AllocSetContextCreate(TopMemoryContext, "trace_ext worker",
