@@ -316,17 +316,18 @@ void
 trace_define_gucs(void)
 {
 	/*
-	 * PostgreSQL allows postmaster-context parameters only while preloading;
-	 * without the preload there is no worker for them to configure.
+	 * PostgreSQL allows postmaster-context parameters only while preloading.
+	 * Loaded later (no preload: no worker to configure), they are still
+	 * defined, as reloadable, so that postgresql.conf entries are accepted.
 	 */
-	if (process_shared_preload_libraries_in_progress)
-	{
-		define_string("trace.database", "Database the trace_ext workers serve.",
-					  &trace_database, "postgres", PGC_POSTMASTER, 0,
-					  NULL, NULL, NULL);
-		define_int("trace.workers", "Number of trace_ext delivery workers.",
-				   &trace_workers, 1, 0, TRACE_MAX_WORKERS, PGC_POSTMASTER, 0);
-	}
+	GucContext	postmaster = process_shared_preload_libraries_in_progress
+		? PGC_POSTMASTER : PGC_SIGHUP;
+
+	define_string("trace.database", "Database the trace_ext workers serve.",
+				  &trace_database, "postgres", postmaster, 0,
+				  NULL, NULL, NULL);
+	define_int("trace.workers", "Number of trace_ext delivery workers.",
+			   &trace_workers, 1, 0, TRACE_MAX_WORKERS, postmaster, 0);
 	define_int("trace.delay", "Delay between a trade's close and its delivery (T+X).",
 			   &trace_delay_s, 300, 0, 30 * 24 * 3600, PGC_SIGHUP, GUC_UNIT_S);
 	define_int("trace.batch_size", "Queue rows claimed per round, and the most requests in flight.",
