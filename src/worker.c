@@ -332,6 +332,19 @@ cleanup_if_due(void)
 	PG_END_TRY();
 }
 
+/* Sleep up to timeout_ms, or until our latch is set; then obey signals. */
+static void
+nap(long timeout_ms)
+{
+	if (timeout_ms > 0)
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout_ms, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	reload_if_asked();
+}
+
+/* Sleep until the next row is due, trace.poll_interval at most. */
 static void
 sleep_until(TimestampTz when)
 {
@@ -345,13 +358,11 @@ sleep_until(TimestampTz when)
 		if (rows_claimed == 0)
 			timeout = Max(timeout, Min(LOCKED_ROW_SLEEP_MS, trace_poll_interval_ms));
 	}
-	if (timeout > 0)
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 timeout, PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
-	CHECK_FOR_INTERRUPTS();
-	reload_if_asked();
+	nap(timeout);
 }
+
+/* How often a worker looks for a missing database or extension. */
+#define WAITING_LOOK_MS		Max(trace_poll_interval_ms, 1000)
 
 /* Wait, logging once, until CREATE EXTENSION trace_ext has run here. */
 static void
@@ -366,11 +377,7 @@ wait_for_extension(void)
 					(errmsg("trace_ext: waiting for CREATE EXTENSION trace_ext in database \"%s\"",
 							trace_database)));
 		logged = true;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Max(trace_poll_interval_ms, 1000), PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-		reload_if_asked();
+		nap(WAITING_LOOK_MS);
 	}
 	if (logged)
 		ereport(LOG, (errmsg("trace_ext: extension found; delivering")));
@@ -418,11 +425,7 @@ wait_for_database(void)
 					(errmsg("trace_ext: waiting for database \"%s\" (trace.database) to be created",
 							trace_database)));
 		logged = true;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Max(trace_poll_interval_ms, 1000), PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-		reload_if_asked();
+		nap(WAITING_LOOK_MS);
 	}
 }
 

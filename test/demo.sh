@@ -18,16 +18,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 LANG=C.UTF-8
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
           python3-psycopg2 make gcc)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
-        || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "== installing: ${missing[*]}"
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
-fi
+. "$repo/test/lib/packages.sh"
+ensure_packages "${packages[@]}"
 
 echo "== building and installing trace_ext"
 cd "$repo"

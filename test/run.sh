@@ -139,21 +139,8 @@ want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
           postgresql-15-pgtap pgtap python3-psycopg2 make gcc)
 if [ -n "$do_install" ]; then
-    missing=()
-    for p in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
-            || missing+=("$p")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "=== installing: ${missing[*]} ==="
-        if ! { apt-get update -q &&
-               apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null; }
-        then
-            echo "could not install the Debian packages: ${missing[*]}" >&2
-            echo "0 passed, 1 failed"
-            exit 1
-        fi
-    fi
+    . "$repo/test/lib/packages.sh"
+    ensure_packages "${packages[@]}" || exit 1
 fi
 
 # --- build -----------------------------------------------------------------

@@ -1,0 +1,494 @@
+"""The world an end-to-end test of trace_ext runs in.
+
+TraceEnv starts a capture sink and a throwaway cluster that preloads
+trace_ext, creates the trade database from the reference fixture
+(../shared/fixtures/trade_store.sql, beside the repository), adds extra
+personal "canary" columns to trades so the allowlist is tested against
+columns nobody told it about, installs the extension and waits for the
+worker.  It then offers the small vocabulary the test scripts are written
+in: make and close trades, read the queue, wait for outcomes, change
+settings the way an operator does (ALTER SYSTEM + pg_reload_conf), and
+scan everything the sink received and the server log for personal data
+and secrets.
+
+The demo script reuses this module; nothing here asserts by itself except
+the check_* functions, which report through the Tap they are given.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets as pysecrets
+import shutil
+import time
+from decimal import Decimal
+from pathlib import Path
+
+from capture_server import CaptureServer
+from cluster import Cluster, ClusterError, free_port  # noqa: F401 (re-exported)
+from tap import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+DB = "trades"
+
+DEFAULT_PAYLOAD_COLUMNS = ("trade_id,signal_id,instrument,side,volume,entry_price,"
+                           "exit_price,opened_at,closed_at,pnl,fees").split(",")
+ADAPTERS = ("myfxbook", "webhook")
+SECRET_GUCS = ("trace.myfxbook_webhook_token", "trace.webhook_auth_token",
+               "trace.webhook_signing_secret", "trace.s3_access_key_id",
+               "trace.s3_secret_access_key")
+
+# Columns that are personal data: the fixture's, plus our canaries.
+PII_SQL = """
+    SELECT email FROM users UNION ALL SELECT name FROM users
+    UNION ALL SELECT client_id FROM users
+    UNION ALL SELECT account_number FROM trades UNION ALL SELECT client_id FROM trades
+    UNION ALL SELECT passport FROM trades UNION ALL SELECT iban FROM trades
+"""
+PII_KEYS = {"user_id", "account_number", "client_id", "email", "name",
+            "passport", "iban"}
+
+
+def fixture_path():
+    """The reference trade store: ../shared/fixtures beside the repository
+    (as CI lays it out), else a copy in test/fixtures."""
+    for p in (REPO.parent / "shared" / "fixtures" / "trade_store.sql",
+              REPO / "test" / "fixtures" / "trade_store.sql"):
+        if p.is_file():
+            return str(p)
+    raise FileNotFoundError("trade_store.sql not found in ../shared/fixtures "
+                            "or test/fixtures")
+
+
+def ext_version():
+    """default_version from trace_ext.control (the one source of truth)."""
+    text = (REPO / "trace_ext.control").read_text()
+    m = re.search(r"^\s*default_version\s*=\s*'([^']*)'", text, re.M)
+    if not m:
+        raise RuntimeError("no default_version in trace_ext.control")
+    return m.group(1)
+
+
+def as_json_literals(text):
+    """Parse JSON keeping numbers as their literal text, so that 1.080000
+    and 1.08 differ, as they do in to_json's output."""
+    return json.loads(text, parse_float=str, parse_int=str,
+                      parse_constant=str)
+
+
+def standard_webhooks_signature(secret, msg_id, timestamp, body):
+    """v1 signature of the Standard Webhooks spec: base64 HMAC-SHA256 over
+    "id.timestamp.body"; a whsec_ secret is the base64 of the key."""
+    if secret.startswith("whsec_"):
+        key = base64.b64decode(secret[len("whsec_"):])
+    else:
+        key = secret.encode("utf-8")
+    signed = msg_id.encode() + b"." + str(timestamp).encode() + b"." + body
+    return base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+class TraceEnv:
+    def __init__(self, tap, gucs=None, debug=None, name="trace_e2e"):
+        if debug is None:       # TRACE_E2E_DEBUG=1: log_min_messages = debug1
+            debug = os.environ.get("TRACE_E2E_DEBUG", "") not in ("", "0")
+        self.tap = tap
+        self.sink = CaptureServer().start()
+        self.paths = {"myfxbook": "/myfxbook", "webhook": "/webhook"}
+        self.tokens = {
+            "myfxbook": "mfxtok-" + pysecrets.token_hex(12),
+            "webhook": "whtok-" + pysecrets.token_hex(12),
+        }
+        self.auth_header = "X-Tracker-Key"
+        self.signing_secrets = []          # every signing secret ever set
+        self.payload_columns = list(DEFAULT_PAYLOAD_COLUMNS)
+        self._next_trade = 1000
+        base = {
+            "trace.database": DB,
+            "trace.enabled_adapters": "myfxbook,webhook",
+            "trace.delay": "0",
+            "trace.poll_interval": "100ms",
+            "trace.http_timeout": "1000ms",
+            "trace.retry_backoff_base": "200ms",
+            "trace.myfxbook_webhook_url": self.sink.url(self.paths["myfxbook"]),
+            "trace.myfxbook_webhook_token": self.tokens["myfxbook"],
+            "trace.webhook_endpoint": self.sink.url(self.paths["webhook"]),
+            "trace.webhook_auth_header": self.auth_header,
+            "trace.webhook_auth_token": self.tokens["webhook"],
+        }
+        base.update(gucs or {})
+        self.cluster = Cluster(settings=base, debug=debug, name=name)
+        self.db = None
+        self._sentinel = 1000
+        try:
+            self._setup()
+        except Exception:
+            self.tap.diag("set-up failed; server log tail:\n" + self.cluster.log_tail(40))
+            raise
+
+    # -- set up -----------------------------------------------------------
+    def _setup(self):
+        c = self.cluster
+        c.init()
+        # Create the trade database before the worker exists, so that the
+        # worker never sees trace.database missing.
+        c.start(overrides={"shared_preload_libraries": "''"})
+        c.create_database(DB)
+        c.psql(file=fixture_path(), dbname=DB)
+        c.psql(dbname=DB, sql="""
+            ALTER TABLE trades ADD COLUMN passport text, ADD COLUMN iban text;
+            UPDATE trades
+               SET passport = 'PASSPORT-CANARY-' || trade_id,
+                   iban = 'DE00CANARYIBAN' || lpad(trade_id::text, 8, '0');
+        """)
+        c.stop()
+        c.start()
+        self.db = c.connect(DB)
+        self.sql("CREATE EXTENSION trace_ext")
+        pid = wait_until(self.worker_pid, 20)
+        if not pid:
+            raise ClusterError("no 'trace_ext worker' in pg_stat_activity after 20 s")
+        cols = self.sql1("SHOW trace.payload_columns")
+        self.payload_columns = [x.strip() for x in cols.split(",") if x.strip()]
+
+    # -- SQL --------------------------------------------------------------
+    def reconnect(self, retry_for=30):
+        try:
+            if self.db is not None:
+                self.db.close()
+        except Exception:
+            pass
+        self.db = self.cluster.connect(DB, retry_for=retry_for)
+        return self.db
+
+    def sql(self, query, args=None):
+        cur = self.db.cursor()
+        cur.execute(query, args)
+        if cur.description is None:
+            return []
+        return cur.fetchall()
+
+    def sql1(self, query, args=None):
+        rows = self.sql(query, args)
+        return rows[0][0] if rows else None
+
+    def sqld(self, query, args=None):
+        """Rows as dicts."""
+        cur = self.db.cursor()
+        cur.execute(query, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def worker_pids(self):
+        return [r[0] for r in self.sql(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'trace_ext worker' "
+            "ORDER BY pid")]
+
+    def worker_pid(self):
+        pids = self.worker_pids()
+        return pids[0] if pids else None
+
+    # -- settings, as an operator changes them ----------------------------
+    def set_gucs(self, settings):
+        """ALTER SYSTEM SET + pg_reload_conf(), then wait until our own
+        session sees the reload (a sentinel setting changes with it), so
+        that the trigger in this session and the worker, signalled at the
+        same moment, both run with the new values."""
+        self._sentinel += 1
+        settings = dict(settings)
+        settings["log_autovacuum_min_duration"] = self._sentinel
+        self.cluster.alter_system(settings, dbname=DB, settle=0.1)
+        want = str(self._sentinel)
+        ok = wait_until(lambda: self.sql1(
+            "SELECT setting FROM pg_settings WHERE name = 'log_autovacuum_min_duration'")
+            == want, 10)
+        if not ok:
+            raise ClusterError("reload not seen by the session within 10 s")
+        time.sleep(0.2)     # the worker takes the same SIGHUP; give it a moment
+        for k, v in settings.items():
+            if k == "trace.webhook_signing_secret" and v:
+                self.signing_secrets.append(v)
+            if k == "trace.myfxbook_webhook_token" and v:
+                self.tokens["myfxbook.%d" % self._sentinel] = v
+            if k == "trace.webhook_auth_token" and v:
+                self.tokens["webhook.%d" % self._sentinel] = v
+
+    def point(self, adapter, path):
+        """Point an adapter at a path of the sink (SIGHUP)."""
+        guc = {"myfxbook": "trace.myfxbook_webhook_url",
+               "webhook": "trace.webhook_endpoint"}[adapter]
+        self.set_gucs({guc: self.sink.url(path)})
+        self.paths[adapter] = path
+
+    # -- trades -----------------------------------------------------------
+    def new_trade(self, user_id=1, signal_id=11, instrument="EURUSD"):
+        """Insert an OPEN trade for a user and a signal; returns its id."""
+        self._next_trade += 1
+        tid = self._next_trade
+        self.sql("""
+            INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
+                                instrument, side, volume, entry_price, opened_at,
+                                passport, iban)
+            SELECT %(t)s, %(u)s, %(s)s, 'ACC-E2E-' || %(t)s, u.client_id,
+                   %(i)s, 'buy', 2.5, 1.084250,
+                   timestamptz '2026-01-05 08:00:00+00' + %(t)s * interval '1 second',
+                   'PASSPORT-CANARY-' || %(t)s, 'DE00CANARYIBAN' || lpad(%(t)s::text, 8, '0')
+              FROM users u WHERE u.user_id = %(u)s""",
+                 {"t": tid, "u": user_id, "s": signal_id, "i": instrument})
+        return tid
+
+    def close_trade(self, trade_id, pnl="42.10", fees="1.25", exit_price="1.091200"):
+        """Close a trade the way the trading application does."""
+        self.sql("""
+            UPDATE trades SET status = 'CLOSED', exit_price = %s, closed_at = now(),
+                              pnl = %s, fees = %s
+             WHERE trade_id = %s""", (Decimal(exit_price), Decimal(pnl),
+                                      Decimal(fees), trade_id))
+
+    def trade_json(self, trade_id, columns=None):
+        """The allowlisted columns of a trade as to_json renders them."""
+        cols = columns or self.payload_columns
+        args = ", ".join("%s, %s" % (self._lit(c), self._ident(c)) for c in cols)
+        text = self.sql1("SELECT json_build_object(%s)::text FROM trades WHERE trade_id = %%s"
+                         % args, (trade_id,))
+        return as_json_literals(text) if text is not None else None
+
+    @staticmethod
+    def _ident(name):
+        return '"' + name.replace('"', '""') + '"'
+
+    @staticmethod
+    def _lit(name):
+        return "'" + name.replace("'", "''") + "'"
+
+    # -- the queue --------------------------------------------------------
+    def rows(self, trade_id):
+        """Queue rows of a trade, keyed by adapter."""
+        return {r["adapter"]: r for r in self.sqld(
+            "SELECT id, trade_id, adapter, status, attempts, due_at, last_error, "
+            "last_http_status, delivered_at, created_at, "
+            "extract(epoch FROM due_at)::float8 AS due_epoch, "
+            "extract(epoch FROM created_at)::float8 AS created_epoch "
+            "FROM trace.trace_queue WHERE trade_id = %s", (trade_id,))}
+
+    def wait_rows(self, trade_id, pred, timeout):
+        """Wait until pred(rows of the trade) holds; returns the rows (the
+        last ones seen, whether or not pred held)."""
+        last = {}
+
+        def probe():
+            nonlocal last
+            last = self.rows(trade_id)
+            return pred(last)
+        wait_until(probe, timeout, 0.05)
+        return last
+
+    def wait_status(self, trade_id, adapters, statuses, timeout):
+        adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        statuses = [statuses] if isinstance(statuses, str) else list(statuses)
+        return self.wait_rows(
+            trade_id,
+            lambda rs: all(a in rs and rs[a]["status"] in statuses for a in adapters),
+            timeout)
+
+    # -- what the sink saw ------------------------------------------------
+    @staticmethod
+    def req_trade(req):
+        """(trade_id, adapter) a request is for, from its Idempotency-Key,
+        else from its body."""
+        key = req.header("Idempotency-Key") or ""
+        m = re.match(r"^(\d+)-(\w+)$", key)
+        if m:
+            return int(m.group(1)), m.group(2)
+        body = req.json()
+        if isinstance(body, dict) and "trade_id" in body:
+            try:
+                return int(body["trade_id"]), None
+            except (TypeError, ValueError):
+                pass
+        return None, None
+
+    def reqs_for(self, trade_id, adapter=None, path=None):
+        out = []
+        for r in self.sink.requests(path):
+            t, a = self.req_trade(r)
+            if t == trade_id and (adapter is None or a == adapter or a is None):
+                out.append(r)
+        return out
+
+    def wait_reqs(self, trade_id, adapter=None, path=None, count=1, timeout=10):
+        got = wait_until(lambda: len(self.reqs_for(trade_id, adapter, path)) >= count,
+                         timeout, 0.02)
+        return self.reqs_for(trade_id, adapter, path) if got else \
+            self.reqs_for(trade_id, adapter, path)
+
+    # -- checks -----------------------------------------------------------
+    def check_delivery(self, req, trade_id, adapter, label):
+        """One ok per property of a delivered request."""
+        t = self.tap
+        t.is_(req.method, "POST", "%s: method POST" % label)
+        ctype = (req.header("Content-Type") or "")
+        t.ok(ctype.split(";")[0].strip().lower() == "application/json",
+             "%s: Content-Type: application/json" % label, "got %r" % ctype)
+        t.is_(req.header("Idempotency-Key"), "%d-%s" % (trade_id, adapter),
+              "%s: Idempotency-Key <trade_id>-<adapter>" % label)
+        t.is_(req.header("User-Agent"), "trace_ext/" + ext_version(),
+              "%s: User-Agent trace_ext/<version of trace_ext.control>" % label)
+        try:
+            body = as_json_literals(req.body.decode("utf-8"))
+        except Exception as e:
+            body = None
+            t.fail("%s: body is JSON" % label, "%s\n%r" % (e, req.body[:500]))
+        if body is not None:
+            t.ok(isinstance(body, dict) and sorted(body) == sorted(self.payload_columns),
+                 "%s: body keys are exactly trace.payload_columns" % label,
+                 lambda: "keys: %r\nallowlist: %r" % (
+                     sorted(body) if isinstance(body, dict) else body,
+                     sorted(self.payload_columns)))
+            expect = self.trade_json(trade_id)
+            t.is_(body, expect, "%s: body values are what to_json renders" % label)
+        if adapter == "myfxbook":
+            t.is_(req.header("Authorization"), "Bearer " + self.tokens["myfxbook"],
+                  "%s: Authorization: Bearer <trace.myfxbook_webhook_token>" % label)
+        else:
+            t.is_(req.header(self.auth_header), self.tokens["webhook"],
+                  "%s: %s: <trace.webhook_auth_token>" % (label, self.auth_header))
+
+    def check_signature(self, req, trade_id, secret, label):
+        t = self.tap
+        wid = req.header("webhook-id")
+        ts = req.header("webhook-timestamp")
+        sig = req.header("webhook-signature")
+        t.is_(wid, "%d-webhook" % trade_id, "%s: webhook-id is the idempotency key" % label)
+        ts_ok = ts is not None and re.fullmatch(r"\d+", ts) is not None \
+            and abs(int(ts) - req.time) < 60
+        t.ok(ts_ok, "%s: webhook-timestamp is the unix time of sending" % label,
+             "got %r, received at %.0f" % (ts, req.time))
+        if wid is None or ts is None or sig is None:
+            t.fail("%s: webhook-signature v1,<base64 HMAC-SHA256(id.timestamp.body)>" % label,
+                   "headers: %r" % (req.headers,))
+            return
+        want = standard_webhooks_signature(secret, wid, ts, req.body)
+        have = [s.split(",", 1)[1] for s in sig.split() if s.startswith("v1,")]
+        t.ok(want in have,
+             "%s: webhook-signature v1,<base64 HMAC-SHA256(id.timestamp.body)>" % label,
+             "got %r\nexpected v1,%s" % (sig, want))
+
+    def secret_values(self):
+        vals = set(v for v in self.tokens.values() if v)
+        for s in self.signing_secrets:
+            vals.add(s)
+            if s.startswith("whsec_"):
+                vals.add(s[len("whsec_"):])
+        return sorted(vals)
+
+    def pii_values(self):
+        """Every personal value in the trade store (remembered, so that the
+        log can still be scanned once the server is down)."""
+        try:
+            vals = {r[0] for r in self.sql(PII_SQL) if r[0]}
+            vals.add("CANARY")
+            self._pii_cache = sorted(vals)
+        except Exception:
+            if not getattr(self, "_pii_cache", None):
+                raise
+        return self._pii_cache
+
+    def check_no_pii(self, label="no PII"):
+        """No personal value in any request; no unknown key in any body;
+        each token only in its own auth header; no secret in the log."""
+        t = self.tap
+        reqs = self.sink.requests()
+        t.ok(len(reqs) > 0, "%s: the sink received requests to scan" % label)
+        pii = [v.encode() for v in self.pii_values()]
+        bad = []
+        for r in reqs:
+            raw = r.raw()
+            for v in pii:
+                if v in raw:
+                    bad.append("request #%d %s contains %r" % (r.seq, r.path, v))
+            body = r.json()
+            keys = set()
+
+            def walk(o):
+                if isinstance(o, dict):
+                    for k, v in o.items():
+                        keys.add(k)
+                        walk(v)
+                elif isinstance(o, list):
+                    for v in o:
+                        walk(v)
+            walk(body)
+            if keys & PII_KEYS:
+                bad.append("request #%d has key(s) %r" % (r.seq, sorted(keys & PII_KEYS)))
+        t.ok(not bad, "%s: no personal value or key in any of %d requests (headers, body)"
+             % (label, len(reqs)), "\n".join(bad[:20]))
+
+        # Tokens only where they belong; signing secrets nowhere.
+        bad = []
+        mfx_tokens = {v for k, v in self.tokens.items() if k.startswith("myfxbook")}
+        wh_tokens = {v for k, v in self.tokens.items() if k.startswith("webhook")}
+        for r in reqs:
+            _, adapter = self.req_trade(r)
+            for sv in self.secret_values():
+                b = sv.encode()
+                if b in r.body or b in r.path.encode():
+                    bad.append("request #%d: a secret in body/path" % r.seq)
+                for name, value in r.headers:
+                    if sv not in value and sv not in name:
+                        continue
+                    allowed = (
+                        (sv in mfx_tokens and adapter == "myfxbook"
+                         and name.lower() == "authorization" and value == "Bearer " + sv)
+                        or (sv in wh_tokens and adapter == "webhook"
+                            and name.lower() == self.auth_header.lower() and value == sv))
+                    if not allowed:
+                        bad.append("request #%d (%s): a secret in header %s"
+                                   % (r.seq, adapter, name))
+        t.ok(not bad, "%s: tokens only in their own auth header, signing secret in no request"
+             % label, "\n".join(bad[:20]))
+        self.check_log_clean(label)
+
+    def check_log_clean(self, label="server log"):
+        log = self.cluster.log_bytes()
+        leaks = [s for s in self.secret_values() if s.encode() in log]
+        self.tap.ok(not leaks, "%s: no token or secret value in the server log" % label,
+                    lambda: "\n".join(self._log_lines_with(leaks)))
+        pii = [v for v in self.pii_values() if v.encode() in log]
+        self.tap.ok(not pii, "%s: no personal value in the server log" % label,
+                    lambda: "\n".join(self._log_lines_with(pii)))
+
+    def _log_lines_with(self, needles):
+        out = []
+        for line in self.cluster.log_text().splitlines():
+            for n in needles:
+                if n in line:
+                    out.append(line.replace(n, "<<%d chars>>" % len(n)))
+        return out[:20]
+
+    # -- tear-down --------------------------------------------------------
+    def close(self):
+        """Stop everything and remove the cluster; on failure, show the
+        log tail (and keep artifacts if TRACE_E2E_ARTIFACTS names a dir)."""
+        t = self.tap
+        art = os.environ.get("TRACE_E2E_ARTIFACTS")
+        if art:
+            try:
+                d = Path(art) / self.cluster.base.split("/")[-1]
+                d.mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.cluster.log_path, d / "server.log")
+                self.sink.dump(str(d / "requests.json"))
+                t.diag("artifacts in %s" % d)
+            except Exception as e:
+                t.diag("could not save artifacts: %s" % e)
+        if t.failed and self.cluster.base:
+            t.diag("server log tail:\n" + self.cluster.log_tail(60))
+        try:
+            if self.db is not None:
+                self.db.close()
+        except Exception:
+            pass
+        self.sink.stop()
+        self.cluster.destroy()
