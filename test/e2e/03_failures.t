@@ -69,6 +69,27 @@ try:
         t.is_(rows.get("webhook", {}).get("status"), "delivered",
               "delivered by a retry once the endpoint is fixed")
 
+    with t.case("an error in a pass: the worker logs it and carries on"):
+        # Dropping the extension under the worker makes its next claim fail
+        # (the queue is gone); it must log the error, wait for the extension
+        # and deliver again once it is back, in the same process.
+        pid0 = env.worker_pid()
+        since = env.cluster.log_size()
+        env.sql("DROP EXTENSION trace_ext CASCADE")
+        t.ok(env.cluster.wait_for_log(r"waiting for CREATE EXTENSION trace_ext", since, 10),
+             "the worker noticed the extension is gone and waits for it")
+        env.sql("SET client_min_messages = error")
+        env.sql("CREATE EXTENSION trace_ext")
+        env.sql("RESET client_min_messages")
+        t.ok(env.cluster.wait_for_log(r"extension found; delivering", since, 10),
+             "... and resumes when it is back")
+        tid = env.new_trade(user_id=1, signal_id=11)
+        env.close_trade(tid)
+        rows = env.wait_status(tid, "webhook", "delivered", 15)
+        t.is_(rows.get("webhook", {}).get("status"), "delivered",
+              "a trade closed after CREATE EXTENSION is delivered")
+        t.is_(env.worker_pid(), pid0, "by the same worker process")
+
     with t.case("kill -9 of the worker mid-batch"):
         env.sink.set_behaviour("/slow-mfx", default="delay:1.5")
         env.sink.set_behaviour("/slow-wh", default="delay:1.5")
