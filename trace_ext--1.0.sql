@@ -148,11 +148,14 @@ COMMENT ON FUNCTION trace.detach(regclass) IS
     'remove the trace_ext trigger from a trades table';
 
 /* ------------------------------------------------------------------------
- * Operator functions.
+ * Operator functions.  SECURITY DEFINER, so that a role a superuser grants
+ * EXECUTE to needs no rights on the queue itself; attach and detach stay
+ * SECURITY INVOKER: creating a trigger needs rights on the trades table.
  * ------------------------------------------------------------------------ */
 CREATE FUNCTION trace.enqueue(trade_id bigint, adapters text[] DEFAULT NULL)
     RETURNS integer
     LANGUAGE c
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'trace_enqueue';
 
@@ -161,6 +164,7 @@ COMMENT ON FUNCTION trace.enqueue(bigint, text[]) IS
 
 CREATE FUNCTION trace.retry(id bigint) RETURNS boolean
     LANGUAGE plpgsql
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -183,6 +187,7 @@ COMMENT ON FUNCTION trace.retry(bigint) IS
 
 CREATE FUNCTION trace.retry_abandoned(adapter text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -206,6 +211,7 @@ COMMENT ON FUNCTION trace.retry_abandoned(text) IS
 
 CREATE FUNCTION trace.cleanup() RETURNS bigint
     LANGUAGE sql
+    SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
     WITH gone AS (

@@ -97,6 +97,23 @@ RESET ROLE;
 SELECT trade_id, adapter, status FROM trace.trace_queue
  ORDER BY trade_id, adapter COLLATE "C";
 
+-- An operator role granted EXECUTE on the operator functions needs no
+-- rights on the queue itself (they are SECURITY DEFINER).
+CREATE ROLE regress_trace_operator;
+GRANT USAGE ON SCHEMA trace TO regress_trace_operator;
+GRANT EXECUTE ON FUNCTION trace.retry(bigint), trace.retry_abandoned(text)
+    TO regress_trace_operator;
+SET ROLE regress_trace_operator;
+SELECT trace.retry(-1) AS retried_nothing;
+SELECT trace.retry_abandoned() AS none_abandoned;
+SELECT count(*) FROM trace.trace_queue;
+SELECT trace.cleanup();
+RESET ROLE;
+REVOKE ALL ON SCHEMA trace FROM regress_trace_operator;
+REVOKE ALL ON FUNCTION trace.retry(bigint), trace.retry_abandoned(text)
+    FROM regress_trace_operator;
+DROP ROLE regress_trace_operator;
+
 -- Secret settings: a role without pg_read_all_settings may not read them
 -- at all; ordinary settings stay readable.
 ALTER SYSTEM SET trace.webhook_auth_token = 'regress-webhook-token';

@@ -144,11 +144,7 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 void
 trace_payload_build(TraceItem *items, int n, MemoryContext into)
 {
-	TraceItem **sorted = palloc(sizeof(TraceItem *) * n);
 	int			done = 0;
-
-	for (int i = 0; i < n; i++)
-		sorted[i] = &items[i];
 
 	/* Items of the same table are processed together. */
 	while (done < n)
@@ -175,5 +171,4 @@ trace_payload_build(TraceItem *items, int n, MemoryContext into)
 				group[i]->cancelled = true;
 		done += m;
 	}
-	pfree(sorted);
 }
