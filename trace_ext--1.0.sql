@@ -78,6 +78,22 @@ CREATE FUNCTION trace._counters(
     RETURNS SETOF record
     LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_counters';
 
+CREATE FUNCTION trace._fail_counters(
+    OUT adapter text,
+    OUT reason text,
+    OUT fail_total bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_fail_counters';
+
+CREATE FUNCTION trace._duration_histogram(
+    OUT adapter text,
+    OUT le double precision[],
+    OUT bucket_counts bigint[],
+    OUT duration_sum double precision,
+    OUT duration_count bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_duration_histogram';
+
 -- The trigger function.  SECURITY DEFINER so that the role closing trades
 -- needs no rights in schema trace; search_path pinned, names qualified.
 CREATE FUNCTION trace._on_trade_close() RETURNS trigger
@@ -267,6 +283,15 @@ SELECT k.adapter,
 COMMENT ON VIEW trace.metrics IS
     'delivery counters per adapter since server start, and the pending count';
 
+-- SECURITY DEFINER: pg_monitor may call it without reading the queue.
+CREATE FUNCTION trace.prometheus_metrics() RETURNS text
+    LANGUAGE c STRICT SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'trace_prometheus_metrics';
+
+COMMENT ON FUNCTION trace.prometheus_metrics() IS
+    'the delivery metrics in the Prometheus text exposition format 0.0.4';
+
 /* ------------------------------------------------------------------------
  * Privileges: PUBLIC gets nothing; pg_monitor reads the monitoring views.
  * ------------------------------------------------------------------------ */
@@ -277,7 +302,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA trace FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA trace TO pg_monitor;
 GRANT SELECT ON trace.queue_summary, trace.failures, trace.metrics TO pg_monitor;
-GRANT EXECUTE ON FUNCTION trace._counters() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION trace._counters(), trace._fail_counters(),
+    trace._duration_histogram(), trace.prometheus_metrics() TO pg_monitor;
 
 /* ------------------------------------------------------------------------
  * On install: warn when nothing will be delivered, and attach to a visible

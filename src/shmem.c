@@ -22,10 +22,10 @@
 #include "src/trace_ext.h"
 
 /* Upper bounds (seconds) of the post duration histogram; +Inf is implied. */
-const double trace_duration_buckets[] = {
+const double trace_duration_buckets[TRACE_NUM_BUCKETS] = {
 	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10
 };
-#define NUM_BUCKETS lengthof(trace_duration_buckets)
+#define NUM_BUCKETS TRACE_NUM_BUCKETS
 
 typedef struct TraceCounters
 {
@@ -242,6 +242,7 @@ trace_metrics_count(const TraceItem *item)
 		double		s = item->out.seconds;
 		int			b;
 
+		/* count first: a reader takes buckets, then the count */
 		pg_atomic_fetch_add_u64(&c->duration_count, 1);
 		pg_atomic_fetch_add_u64(&c->duration_sum_us, (uint64) (s * 1e6));
 		for (b = 0; b < NUM_BUCKETS; b++)
@@ -252,21 +253,35 @@ trace_metrics_count(const TraceItem *item)
 	}
 }
 
-/* Totals of one adapter; zeros when shared memory is absent. */
+/*
+ * The counters of one adapter (zeros without shared memory).  Buckets are
+ * returned cumulative, read before the count, so that every bucket is at
+ * most the count even while the worker is adding to them.
+ */
 void
-trace_metrics_read(TraceAdapterKind kind, uint64 *pushed, uint64 *failed,
-				   uint64 *count, double *sum)
+trace_metrics_snapshot(TraceAdapterKind kind, TraceMetrics *m)
 {
 	TraceCounters *c;
+	uint64		cumulative = 0;
 
-	*pushed = *failed = *count = 0;
-	*sum = 0;
+	memset(m, 0, sizeof(TraceMetrics));
 	if (shared == NULL)
 		return;
 	c = &shared->counters[kind];
-	*pushed = pg_atomic_read_u64(&c->pushed);
+	m->pushed = pg_atomic_read_u64(&c->pushed);
 	for (int r = 0; r < TRACE_NUM_REASONS; r++)
-		*failed += pg_atomic_read_u64(&c->failed[r]);
-	*count = pg_atomic_read_u64(&c->duration_count);
-	*sum = pg_atomic_read_u64(&c->duration_sum_us) / 1e6;
+	{
+		m->failed_by_reason[r] = pg_atomic_read_u64(&c->failed[r]);
+		m->failed += m->failed_by_reason[r];
+	}
+	for (int b = 0; b < NUM_BUCKETS; b++)
+	{
+		cumulative += pg_atomic_read_u64(&c->buckets[b]);
+		m->buckets[b] = cumulative;
+	}
+	pg_read_barrier();
+	m->count = pg_atomic_read_u64(&c->duration_count);
+	m->sum = pg_atomic_read_u64(&c->duration_sum_us) / 1e6;
+	if (m->count < cumulative)
+		m->count = cumulative;
 }

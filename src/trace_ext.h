@@ -45,6 +45,7 @@ typedef enum TraceReason
 } TraceReason;
 
 #define TRACE_MAX_WORKERS		32
+#define TRACE_NUM_BUCKETS		11	/* finite buckets of the duration histogram */
 #define TRACE_ERROR_LEN			256
 
 /* The result of one delivery attempt. */
@@ -127,9 +128,20 @@ extern int	trace_live_worker_pids(int *pids, int max);
 extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
 extern void trace_request_wake(void);
+/* What trace.metrics and trace.prometheus_metrics() report of one adapter. */
+typedef struct TraceMetrics
+{
+	uint64		pushed;
+	uint64		failed;
+	uint64		failed_by_reason[TRACE_NUM_REASONS];
+	uint64		buckets[TRACE_NUM_BUCKETS]; /* cumulative */
+	uint64		count;
+	double		sum;
+} TraceMetrics;
+
+extern const double trace_duration_buckets[TRACE_NUM_BUCKETS];
 extern void trace_metrics_count(const TraceItem *item);
-extern void trace_metrics_read(TraceAdapterKind kind, uint64 *pushed,
-							   uint64 *failed, uint64 *count, double *sum);
+extern void trace_metrics_snapshot(TraceAdapterKind kind, TraceMetrics *m);
 
 /* ---- trigger.c ---- */
 extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,

@@ -137,7 +137,8 @@ want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 
 # --- packages --------------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
-          postgresql-15-pgtap pgtap python3-psycopg2 make gcc)
+          postgresql-15-pgtap pgtap python3-psycopg2 make gcc
+          prometheus prometheus-postgres-exporter)
 if [ -n "$do_install" ]; then
     . "$repo/test/lib/packages.sh"
     ensure_packages "${packages[@]}" || exit 1

@@ -60,9 +60,10 @@ try:
         env.set_gucs({"trace.webhook_signing_secret": secret})
         tid = env.new_trade(user_id=1, signal_id=11)
         env.close_trade(tid)
-        env.wait_status(tid, "webhook", "delivered", 15)
+        rows = env.wait_status(tid, "webhook", "delivered", 15)
         reqs = env.wait_reqs(tid, "webhook", count=1, timeout=5)
-        if t.ok(len(reqs) == 1, "%s: signed delivery arrived" % label):
+        if t.ok(len(reqs) == 1, "%s: signed delivery arrived" % label,
+                lambda: "queue row: %r\nserver log:\n%s" % (rows, env.cluster.log_tail(40))):
             env.check_signature(reqs[0], tid, secret, label)
             t.is_(reqs[0].header(env.auth_header), env.tokens["webhook"],
                   "%s: the auth header is still sent" % label)
@@ -154,6 +155,19 @@ try:
               "delivered to the new endpoint")
         t.is_(len(env.reqs_for(tid, "webhook", "/webhook")), 0, "not to the old one")
         t.is_(env.worker_pid(), pid0, "same worker process (no restart)")
+
+    with t.case("connections are kept alive and reused"):
+        tids = []
+        for _ in range(4):
+            tid = env.new_trade(user_id=1, signal_id=11)
+            env.close_trade(tid)
+            env.wait_status(tid, "webhook", "delivered", 15)
+            tids.append(tid)
+        reqs = [r for tid in tids for r in env.reqs_for(tid, "webhook")]
+        ports = {r.client_port for r in reqs}
+        t.ok(len(reqs) == 4 and len(ports) == 1,
+             "4 deliveries one after another to one tracker used one connection",
+             "client ports: %s" % sorted(r.client_port for r in reqs))
 
     with t.case("secret settings are masked"):
         for g in ("trace.myfxbook_webhook_token", "trace.webhook_auth_token"):
