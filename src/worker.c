@@ -135,9 +135,13 @@ dispatch(TraceItem *items, int n)
 	}
 }
 
-/* Claim and dispatch up to `slots` rows; false when fewer were due. */
+/*
+ * Claim and dispatch up to `slots` rows; false when fewer were due.
+ * *capped says whether an adapter was left out for having its share of
+ * the slots already.
+ */
 static bool
-claim_more(int slots, TimestampTz *next_due)
+claim_more(int slots, TimestampTz *next_due, bool *capped)
 {
 	bool		saturated[TRACE_NUM_ADAPTERS] = {false};
 	int			enabled = 0;
@@ -155,9 +159,13 @@ claim_more(int slots, TimestampTz *next_due)
 	 */
 	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
 		enabled += trace_adapter_enabled(a) ? 1 : 0;
+	*capped = false;
 	if (enabled > 1)
 		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		{
 			saturated[a] = trace_http_inflight(a) >= cap;
+			*capped |= saturated[a];
+		}
 
 	cxt = AllocSetContextCreate(worker_cxt, "trace_ext batch", ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(cxt);
@@ -226,8 +234,10 @@ static TimestampTz
 run_pass(void)
 {
 	bool		may_have_due = true;
+	bool		capped = false;
 	TimestampTz next_due = DT_NOEND;
 	TimestampTz claim_due = DT_NOEND;
+	TimestampTz claimed_at = 0;
 
 	rows_claimed = 0;
 	for (;;)
@@ -238,13 +248,13 @@ run_pass(void)
 		CHECK_FOR_INTERRUPTS();
 		reload_if_asked();
 
-		/* A commit woke us, or a row we know of became due. */
+		/* A commit woke us, or a row we know of became due since the claim. */
 		if (MyLatch->is_set)
 		{
 			ResetLatch(MyLatch);
 			may_have_due = true;
 		}
-		if (!may_have_due && claim_due != DT_NOEND &&
+		if (!may_have_due && claim_due != DT_NOEND && claim_due > claimed_at &&
 			GetCurrentTimestamp() >= claim_due)
 			may_have_due = true;
 
@@ -254,7 +264,8 @@ run_pass(void)
 			(inflight == 0 || slots >= Max(1, trace_batch_size / 2)))
 		{
 			claim_due = DT_NOEND;
-			may_have_due = claim_more(slots, &claim_due);
+			claimed_at = GetCurrentTimestamp();
+			may_have_due = claim_more(slots, &claim_due, &capped);
 		}
 
 		if (trace_http_has_done())
@@ -262,8 +273,16 @@ run_pass(void)
 			TimestampTz retry_at = record_done();
 
 			next_due = Min(next_due, retry_at);
+			/* slots freed: an adapter left out at its cap may go now */
+			if (capped)
+				may_have_due = true;
 		}
 
+		/*
+		 * Rows that were due at the claim but not claimed are locked by
+		 * another transaction: they are left to the next pass, after a
+		 * short sleep (see sleep_until), rather than spun on here.
+		 */
 		if (trace_http_inflight_total() == 0 && !may_have_due &&
 			!trace_http_has_done())
 			break;
