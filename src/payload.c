@@ -120,7 +120,13 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 		ids[i] = Int64GetDatum(sorted[i]->trade_id);
 	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true,
 												TYPALIGN_DOUBLE));
-	if (SPI_execute_with_args(sql, 1, argtypes, values, NULL, true, 0) != SPI_OK_SELECT)
+	/*
+	 * Not read-only: SPI then takes a fresh snapshot, at least as new as the
+	 * claim's.  With the transaction's first snapshot, a trade whose close
+	 * committed just before the claim could still read as OPEN and be
+	 * cancelled by mistake.
+	 */
+	if (SPI_execute_with_args(sql, 1, argtypes, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "trace_ext: could not read trades for their payload");
 
 	for (uint64 r = 0; r < SPI_processed; r++)

@@ -138,10 +138,21 @@ want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 # --- packages --------------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
           postgresql-15-pgtap pgtap python3-psycopg2 make gcc
-          prometheus prometheus-postgres-exporter)
+          prometheus prometheus-postgres-exporter python3-botocore faketime
+          nodejs)
 if [ -n "$do_install" ]; then
     . "$repo/test/lib/packages.sh"
     ensure_packages "${packages[@]}" || exit 1
+    # Debian's nodejs comes without npm (NodeSource's includes it).
+    command -v npm >/dev/null || ensure_packages npm || exit 1
+fi
+
+# --- s3rver (npm), the S3-compatible server of the file export tests --------
+export TRACE_S3RVER="${TRACE_S3RVER:-/tmp/trace_ext_npm/node_modules/.bin/s3rver}"
+if [ -n "$do_install" ] && [ ! -x "$TRACE_S3RVER" ] && want e2e; then
+    echo "=== npm install s3rver@3.7.1 ==="
+    npm install --no-audit --no-fund --prefix /tmp/trace_ext_npm s3rver@3.7.1 </dev/null \
+        || echo "npm install s3rver failed: the S3 tests will fail" >&2
 fi
 
 # --- build -----------------------------------------------------------------

@@ -84,11 +84,15 @@ class Cluster:
 
     settings: extra postgresql.conf settings (dict).  preload: put
     trace_ext in shared_preload_libraries.  debug: log_min_messages=debug1.
+    server_env: extra environment variables for the server's commands
+    (initdb, pg_ctl and so the postmaster), applied last, e.g. LD_PRELOAD
+    and FAKETIME for libfaketime, or TZ (runuser passes them through).
     """
 
     def __init__(self, settings=None, preload=True, debug=False,
-                 name="trace_e2e", port=None):
+                 name="trace_e2e", port=None, server_env=None):
         self.settings = dict(settings or {})
+        self.server_env = dict(server_env or {})
         self.preload = preload
         self.debug = debug
         self.port = port or free_port()
@@ -115,6 +119,7 @@ class Cluster:
     def run_server_cmd(self, args, timeout=120, check=True):
         env = dict(os.environ, TZ="UTC", LC_ALL="C", PGTZ="UTC")
         env.pop("PGDATA", None)
+        env.update(self.server_env)
         p = subprocess.run(self._server_cmd(args), cwd=self.base, env=env,
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=timeout)

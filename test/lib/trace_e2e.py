@@ -91,7 +91,7 @@ def standard_webhooks_signature(secret, msg_id, timestamp, body):
 
 
 class TraceEnv:
-    def __init__(self, tap, gucs=None, debug=None, name="trace_e2e"):
+    def __init__(self, tap, gucs=None, debug=None, name="trace_e2e", server_env=None):
         if debug is None:       # TRACE_E2E_DEBUG=1: log_min_messages = debug1
             debug = os.environ.get("TRACE_E2E_DEBUG", "") not in ("", "0")
         self.tap = tap
@@ -119,7 +119,9 @@ class TraceEnv:
             "trace.webhook_auth_token": self.tokens["webhook"],
         }
         base.update(gucs or {})
-        self.cluster = Cluster(settings=base, debug=debug, name=name)
+        self.extra_secrets = []            # add_secret(): more values to keep out of logs
+        self.cluster = Cluster(settings=base, debug=debug, name=name,
+                               server_env=server_env)
         self.db = None
         self._sentinel = 1000
         try:
@@ -376,8 +378,15 @@ class TraceEnv:
              "%s: webhook-signature v1,<base64 HMAC-SHA256(id.timestamp.body)>" % label,
              "got %r\nexpected v1,%s" % (sig, want))
 
+    def add_secret(self, value):
+        """Remember a secret value set outside set_gucs' known tokens (e.g.
+        S3 credentials) so that check_log_clean() scans for it too."""
+        if value and value not in self.extra_secrets:
+            self.extra_secrets.append(value)
+
     def secret_values(self):
         vals = set(v for v in self.tokens.values() if v)
+        vals.update(self.extra_secrets)
         for s in self.signing_secrets:
             vals.add(s)
             if s.startswith("whsec_"):
