@@ -285,8 +285,9 @@ redact_quoted(const char *msg, const char *param)
 			appendStringInfoChar(&out, *p++);
 			continue;
 		}
-		if ((size_t) (close - p - 1) == strlen(param) &&
-			strncmp(p + 1, param, close - p - 1) == 0)
+		if (close == p + 1 ||	/* an empty value says nothing */
+			((size_t) (close - p - 1) == strlen(param) &&
+			 strncmp(p + 1, param, close - p - 1) == 0))
 			appendBinaryStringInfo(&out, p, close - p + 1);
 		else
 		{
