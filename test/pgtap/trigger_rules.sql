@@ -12,7 +12,7 @@
 --   g % 3 = 2: user 3 (opted in),  signal 12 NULL
 
 BEGIN;
-SELECT plan(18);
+SELECT plan(20);
 
 SELECT is(current_setting('trace.enabled_adapters'), 'myfxbook,webhook',
           'precondition: myfxbook and webhook are enabled, file is not');
@@ -101,6 +101,21 @@ SELECT is_empty($$SELECT attname FROM pg_attribute
                      AND attname IN ('user_id', 'email', 'name', 'client_id',
                                      'account_number')$$,
                 'the queue has no column for personal data');
+
+-- A trigger created by hand, without trace.attach()'s WHEN clause, still
+-- queues only when the status becomes CLOSED.
+SELECT trace.detach();
+CREATE TRIGGER trace_by_hand AFTER UPDATE ON trades
+    FOR EACH ROW EXECUTE FUNCTION trace._on_trade_close();
+UPDATE trades SET pnl = 1 WHERE trade_id = 27;          -- still OPEN
+UPDATE trades SET status = 'CLOSED' WHERE trade_id = 30;
+UPDATE trades SET fees = 2 WHERE trade_id = 30;          -- CLOSED stays CLOSED
+SELECT is((SELECT count(*) FROM trace.trace_queue WHERE trade_id = 27), 0::bigint,
+          'without a WHEN clause: an update that leaves a trade OPEN queues nothing');
+SELECT is(ARRAY(SELECT adapter || ':' || status FROM trace.trace_queue WHERE trade_id = 30
+                 ORDER BY adapter COLLATE "C"),
+          ARRAY['myfxbook:pending', 'webhook:pending'],
+          'without a WHEN clause: the close queues, a later update of the closed trade does not');
 
 SELECT * FROM finish();
 ROLLBACK;
