@@ -17,14 +17,7 @@ from tap import Tap, wait_until  # noqa: E402
 from trace_e2e import SECRET_GUCS, TraceEnv  # noqa: E402
 
 t = Tap()
-env = None
-try:
-    env = TraceEnv(t, gucs={"trace.max_retries": 5}, name="trace_e2e_delivery")
-except Exception:
-    import traceback
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    sys.exit(t.done())
+env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 5}, name="trace_e2e_delivery")
 
 BOTH = ("myfxbook", "webhook")
 

@@ -20,14 +20,7 @@ BASE = 0.2          # trace.retry_backoff_base, seconds
 SLACK = 1.0         # generous upper slack: poll interval, scheduling, HTTP
 
 t = Tap()
-env = None
-try:
-    env = TraceEnv(t, gucs={"trace.max_retries": 2}, name="trace_e2e_retries")
-except Exception:
-    import traceback
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    sys.exit(t.done())
+env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 2}, name="trace_e2e_retries")
 
 
 def webhook_trade():

@@ -21,19 +21,12 @@ from trace_e2e import TraceEnv, free_port  # noqa: E402
 TIMEOUT = 3.0
 
 t = Tap()
-env = None
-try:
-    # synchronous_commit on: with it off, a close committed a few ms before
-    # the kill -9 may be lost by PostgreSQL itself (no WAL flush yet), which
-    # is not what the crash test is about.
-    env = TraceEnv(t, gucs={"trace.max_retries": 5, "trace.http_timeout": "3000ms",
-                            "synchronous_commit": "on"},
-                   name="trace_e2e_failures")
-except Exception:
-    import traceback
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    sys.exit(t.done())
+# synchronous_commit on: with it off, a close committed a few ms before
+# the kill -9 may be lost by PostgreSQL itself (no WAL flush yet), which
+# is not what the crash test is about.
+env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 5, "trace.http_timeout": "3000ms",
+                                      "synchronous_commit": "on"},
+                             name="trace_e2e_failures")
 
 BOTH = ("myfxbook", "webhook")
 

@@ -49,14 +49,7 @@ def value(samples, name, **labels):
 
 
 t = Tap()
-env = None
-try:
-    env = TraceEnv(t, gucs={"trace.max_retries": 1}, name="trace_e2e_metrics")
-except Exception:
-    import traceback
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    sys.exit(t.done())
+env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 1}, name="trace_e2e_metrics")
 
 exporter = None
 try:

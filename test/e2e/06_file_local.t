@@ -43,11 +43,10 @@ def export_text(export):
 
 
 t = Tap()
-env = None
 export_dir = make_export_dir()
 later_dir = None
-try:
-    env = TraceEnv(t, name="trace_e2e_file_local", gucs={
+env = TraceEnv.start_or_exit(
+    t, on_failure=lambda: remove_dir(export_dir), name="trace_e2e_file_local", gucs={
         "trace.enabled_adapters": F,
         "trace.file_export_type": "local",
         "trace.file_export_dir": export_dir,
@@ -56,12 +55,6 @@ try:
         "trace.max_retries": 50,
         "trace.retry_backoff_cap": "1s",
     })
-except Exception:
-    import traceback
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    remove_dir(export_dir)
-    sys.exit(t.done())
 
 try:
     with t.case("local export: JSON lines, the allowlist, to_json values, no PII"):

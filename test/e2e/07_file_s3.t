@@ -67,25 +67,19 @@ except Exception:
     t.fail("s3rver started (npm package s3rver at $TRACE_S3RVER)", traceback.format_exc())
     sys.exit(t.done())
 
-try:
-    env = TraceEnv(t, name="trace_e2e_file_s3", gucs={
-        "trace.enabled_adapters": F,
-        "trace.file_export_type": "s3",
-        "trace.s3_endpoint": s3.endpoint,
-        "trace.s3_bucket": BUCKET,
-        "trace.s3_prefix": PREFIX,
-        "trace.s3_region": "us-east-1",
-        "trace.s3_access_key_id": S3RVER_KEY,
-        "trace.s3_secret_access_key": S3RVER_SECRET,
-        "trace.max_retries": 50,
-        "trace.retry_backoff_cap": "1s",
-    })
-    env.add_secret(S3RVER_SECRET)
-except Exception:
-    t.fail("set-up: cluster with trace_ext, trade store, extension, worker",
-           traceback.format_exc())
-    s3.stop()
-    sys.exit(t.done())
+env = TraceEnv.start_or_exit(t, on_failure=s3.stop, name="trace_e2e_file_s3", gucs={
+    "trace.enabled_adapters": F,
+    "trace.file_export_type": "s3",
+    "trace.s3_endpoint": s3.endpoint,
+    "trace.s3_bucket": BUCKET,
+    "trace.s3_prefix": PREFIX,
+    "trace.s3_region": "us-east-1",
+    "trace.s3_access_key_id": S3RVER_KEY,
+    "trace.s3_secret_access_key": S3RVER_SECRET,
+    "trace.max_retries": 50,
+    "trace.retry_backoff_cap": "1s",
+})
+env.add_secret(S3RVER_SECRET)
 
 try:
     first = []

@@ -23,7 +23,9 @@ import os
 import re
 import secrets as pysecrets
 import shutil
+import sys
 import time
+import traceback
 from decimal import Decimal
 from pathlib import Path
 
@@ -91,6 +93,19 @@ def standard_webhooks_signature(secret, msg_id, timestamp, body):
 
 
 class TraceEnv:
+    @classmethod
+    def start_or_exit(cls, tap, on_failure=None, **kw):
+        """A TraceEnv, or (after reporting the failed set-up as a failed
+        test and running on_failure) the end of the script."""
+        try:
+            return cls(tap, **kw)
+        except Exception:
+            tap.fail("set-up: cluster with trace_ext, trade store, extension, worker",
+                     traceback.format_exc())
+            if on_failure:
+                on_failure()
+            sys.exit(tap.done())
+
     def __init__(self, tap, gucs=None, debug=None, name="trace_e2e", server_env=None):
         if debug is None:       # TRACE_E2E_DEBUG=1: log_min_messages = debug1
             debug = os.environ.get("TRACE_E2E_DEBUG", "") not in ("", "0")
