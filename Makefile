@@ -9,6 +9,7 @@ OBJS = \
 	trace_ext.o \
 	src/guc.o \
 	src/shmem.o \
+	src/wake.o \
 	src/secrets.o \
 	src/trigger.o \
 	src/queue.o \
