@@ -38,6 +38,9 @@ REGRESS_OPTS = --inputdir=. --load-extension=plpgsql
 # building it would need clang.
 override with_llvm = no
 
+# The version is compiled in: rebuild when the control file changes.
+adapters/common.o: $(EXTENSION).control
+
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)

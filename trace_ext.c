@@ -32,6 +32,7 @@ _PG_init(void)
 		return;
 
 	trace_shmem_install();
+	trace_wake_install();
 	trace_install_log_redaction();
 	trace_register_workers();
 }

@@ -122,7 +122,7 @@ SELECT format($f$
       FROM (SELECT item FROM shape_installed EXCEPT SELECT pg_temp.trace_ext_shape()) d
     UNION ALL
     SELECT %1$L, 'only in the updated install', item
-      FROM (SELECT pg_temp.trace_ext_shape() EXCEPT SELECT item FROM shape_installed) d;
+      FROM (SELECT pg_temp.trace_ext_shape() AS item EXCEPT SELECT item FROM shape_installed) d;
     INSERT INTO upgrade_result SELECT %1$L, count(*) FROM trace.trace_queue;
     $f$, v.version)
   FROM pg_available_extension_versions v JOIN pg_available_extensions e USING (name)

@@ -9,14 +9,25 @@
  * body (bodies beyond a cap abort the transfer, so memory stays bounded).
  * Finished transfers are classified into an outcome and queued for the
  * worker to record.  Never called inside a transaction.
+ *
+ * Waiting is event driven (libcurl's multi_socket API): libcurl tells us
+ * which sockets it wants watched and when its next timeout is, and the
+ * worker sleeps in one WaitEventSet holding those sockets and its latch,
+ * so a commit that queues work wakes it even while requests are in
+ * flight, and nothing is polled.  The set is rebuilt only when a socket
+ * comes or goes (connections are reused, so rarely); a change of
+ * direction on a known socket is a ModifyWaitEvent.
  */
 #include "postgres.h"
 
 #include <curl/curl.h>
 
 #include "lib/ilist.h"
-#include "utils/memutils.h"
+#include "miscadmin.h"
+#include "pgstat.h"
 #include "portability/instr_time.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
 
 #include "adapters/adapter.h"
 #include "src/trace_ext.h"
@@ -40,8 +51,24 @@ typedef struct Transfer
 	char		errbuf[CURL_ERROR_SIZE];
 } Transfer;
 
+/* A socket libcurl asked us to watch. */
+typedef struct WatchedSocket
+{
+	curl_socket_t fd;
+	int			events;			/* WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE */
+	int			pos;			/* in the wait set; -1 until (re)built */
+} WatchedSocket;
+
 static CURLM *multi = NULL;
 static dlist_head running = DLIST_STATIC_INIT(running);
+
+static WatchedSocket *watched = NULL;
+static int	nwatched = 0;
+static int	watched_size = 0;
+static WaitEventSet *wait_set = NULL;
+static bool wait_set_stale = true;
+static long curl_timeout_ms = -1;	/* libcurl's next timeout; -1: none */
+static instr_time curl_timeout_set; /* when it was given */
 static int	inflight[TRACE_NUM_ADAPTERS];
 static int	inflight_total = 0;
 
@@ -89,6 +116,65 @@ trace_http_inflight_total(void)
 	return inflight_total;
 }
 
+static int
+watched_index(curl_socket_t fd)
+{
+	for (int i = 0; i < nwatched; i++)
+		if (watched[i].fd == fd)
+			return i;
+	return -1;
+}
+
+/* libcurl: watch fd for `what`, or stop watching it (CURL_POLL_REMOVE). */
+static int
+on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+	int			i = watched_index(fd);
+	int			events = 0;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (i >= 0)
+		{
+			watched[i] = watched[--nwatched];
+			wait_set_stale = true;
+		}
+		return 0;
+	}
+	if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
+		events |= WL_SOCKET_READABLE;
+	if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
+		events |= WL_SOCKET_WRITEABLE;
+
+	if (i < 0)
+	{
+		if (nwatched == watched_size)
+		{
+			watched_size = Max(16, watched_size * 2);
+			watched = watched
+				? repalloc(watched, sizeof(WatchedSocket) * watched_size)
+				: MemoryContextAlloc(TopMemoryContext, sizeof(WatchedSocket) * watched_size);
+		}
+		i = nwatched++;
+		watched[i].fd = fd;
+		watched[i].pos = -1;
+		wait_set_stale = true;
+	}
+	else if (watched[i].events != events && !wait_set_stale && watched[i].pos >= 0)
+		ModifyWaitEvent(wait_set, watched[i].pos, events, NULL);
+	watched[i].events = events;
+	return 0;
+}
+
+/* libcurl: call curl_multi_socket_action(TIMEOUT) in timeout_ms (-1: never). */
+static int
+on_timer(CURLM *m, long timeout_ms, void *userp)
+{
+	curl_timeout_ms = timeout_ms;
+	INSTR_TIME_SET_CURRENT(curl_timeout_set);
+	return 0;
+}
+
 void
 trace_http_init(void)
 {
@@ -99,6 +185,8 @@ trace_http_init(void)
 	multi = curl_multi_init();
 	if (multi == NULL)
 		ereport(FATAL, (errmsg("trace_ext: could not create a libcurl multi handle")));
+	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer);
 }
 
 static size_t
@@ -343,16 +431,13 @@ finish(Transfer *t, CURLcode rc)
 	trace_http_push_done(item);
 }
 
-/* Collect finished transfers; returns how many finished. */
-static int
+/* Collect finished transfers. */
+static void
 collect(void)
 {
-	int			still_running;
 	int			left;
-	int			finished = 0;
 	CURLMsg    *msg;
 
-	curl_multi_perform(multi, &still_running);
 	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
 	{
 		Transfer   *t;
@@ -361,23 +446,77 @@ collect(void)
 			continue;
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
 		finish(t, msg->data.result);
-		finished++;
 	}
-	return finished;
 }
 
+/* A wait set with the latch, postmaster death and every watched socket. */
+static void
+rebuild_wait_set(void)
+{
+	if (wait_set != NULL)
+		FreeWaitEventSet(wait_set);
+	wait_set = CreateWaitEventSet(TopMemoryContext, nwatched + 2);
+	AddWaitEventToSet(wait_set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wait_set, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	for (int i = 0; i < nwatched; i++)
+		watched[i].pos = AddWaitEventToSet(wait_set, watched[i].events,
+										   watched[i].fd, NULL, NULL);
+	wait_set_stale = false;
+}
+
+/* Milliseconds until libcurl's timeout is due (0: now), capped at cap_ms. */
+static long
+until_curl_timeout(long cap_ms)
+{
+	instr_time	now;
+	long		spent;
+
+	if (curl_timeout_ms < 0)
+		return cap_ms;
+	INSTR_TIME_SET_CURRENT(now);
+	INSTR_TIME_SUBTRACT(now, curl_timeout_set);
+	spent = (long) INSTR_TIME_GET_MILLISEC(now);
+	return Max(0, Min(cap_ms, curl_timeout_ms - spent));
+}
+
+#define MAX_EVENTS 64
+
 /*
- * Let transfers progress; if none finished yet, wait up to timeout_ms for
- * socket activity (returns early on activity) and look again.
+ * Let transfers progress: wait up to timeout_ms for socket activity,
+ * libcurl's own timeout or our latch (left set for the caller), drive
+ * libcurl with what happened, and queue the transfers that finished.
  */
 void
 trace_http_poll(int timeout_ms)
 {
+	WaitEvent	events[MAX_EVENTS];
+	long		timeout;
+	int			n;
+	int			still_running;
+
 	if (inflight_total == 0)
 		return;
-	if (collect() > 0)
-		return;
-	curl_multi_poll(multi, NULL, 0, timeout_ms, NULL);
+	if (wait_set_stale)
+		rebuild_wait_set();
+
+	timeout = until_curl_timeout(timeout_ms);
+	n = WaitEventSetWait(wait_set, timeout, events, MAX_EVENTS, PG_WAIT_EXTENSION);
+	for (int i = 0; i < n; i++)
+	{
+		int			flags = 0;
+
+		if (events[i].events & WL_SOCKET_READABLE)
+			flags |= CURL_CSELECT_IN;
+		if (events[i].events & WL_SOCKET_WRITEABLE)
+			flags |= CURL_CSELECT_OUT;
+		if (flags != 0)
+			curl_multi_socket_action(multi, events[i].fd, flags, &still_running);
+	}
+	if (curl_timeout_ms >= 0 && until_curl_timeout(1) == 0)
+	{
+		curl_timeout_ms = -1;
+		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running);
+	}
 	collect();
 }
 

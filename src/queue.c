@@ -409,18 +409,27 @@ trace_queue_record(TraceItem **items, int n)
 	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (soonest * 1000));
 }
 
-/* trace.cleanup(), run by the worker now and then. */
+/*
+ * trace.cleanup(), run by the worker now and then; *oldest is the
+ * created_at of the oldest row left (DT_NOEND if none).
+ */
 int64
-trace_queue_cleanup(void)
+trace_queue_cleanup(TimestampTz *oldest)
 {
 	int64		deleted = 0;
 	bool		isnull;
+	Datum		d;
 
 	begin_tx("trace_ext: deleting rows older than trace.ttl");
 	if (SPI_execute("SELECT trace.cleanup()", false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "trace_ext: cleanup failed");
 	deleted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										  SPI_tuptable->tupdesc, 1, &isnull));
+	/* a new snapshot (not read-only): the rows just deleted are gone */
+	if (SPI_execute("SELECT min(created_at) FROM trace.trace_queue", false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not read the oldest queue row");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	*oldest = isnull ? DT_NOEND : DatumGetTimestampTz(d);
 	end_tx();
 	return deleted;
 }

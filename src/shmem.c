@@ -1,16 +1,15 @@
 /*
- * shmem.c: the shared state of trace_ext, and waking the workers at commit.
+ * shmem.c: the shared state of trace_ext.
  *
  * Shared memory holds the workers' slots (pid and latch, so that an
  * enqueuing transaction can wake them) and the delivery counters.
  * Locking: the slots are guarded by a spinlock, taken only when a worker
  * starts or exits and when a worker lists the live ones; the counters are
- * atomics, updated without locks on the send path.  Waking never blocks:
- * a committing backend only sets latches.
+ * atomics, updated without locks on the send path.  Waking (wake.c) never
+ * blocks: it only sets the latches found here.
  */
 #include "postgres.h"
 
-#include "access/xact.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
@@ -51,8 +50,6 @@ static int	my_slot = -1;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-static bool wake_at_commit = false;
-static bool xact_callback_registered = false;
 
 static void
 shmem_request(void)
@@ -167,14 +164,16 @@ trace_set_database_missing(bool missing)
 	SpinLockRelease(&shared->mutex);
 }
 
-static void
-wake_workers(void)
+/*
+ * Set every worker's latch.  Reading a latch pointer without the spinlock
+ * is safe: it points into a PGPROC, which outlives the worker, and setting
+ * a stale latch only causes a spurious wakeup.
+ */
+void
+trace_wake_workers(void)
 {
-	/*
-	 * Reading a latch pointer without the spinlock is safe: it points into
-	 * a PGPROC, which outlives the worker, and setting a stale latch only
-	 * causes a spurious wakeup.
-	 */
+	if (shared == NULL)
+		return;
 	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
 	{
 		Latch	   *latch = shared->latches[i];
@@ -182,44 +181,6 @@ wake_workers(void)
 		if (latch != NULL)
 			SetLatch(latch);
 	}
-}
-
-static void
-xact_callback(XactEvent event, void *arg)
-{
-	switch (event)
-	{
-		case XACT_EVENT_COMMIT:
-		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_at_commit && shared != NULL)
-				wake_workers();
-			wake_at_commit = false;
-			break;
-		case XACT_EVENT_ABORT:
-		case XACT_EVENT_PARALLEL_ABORT:
-		case XACT_EVENT_PREPARE:
-			wake_at_commit = false;
-			break;
-		default:
-			break;
-	}
-}
-
-/*
- * Ask for the workers to be woken when the current transaction commits:
- * rows it queued become visible then, not before.
- */
-void
-trace_request_wake(void)
-{
-	if (!trace_preloaded)
-		return;
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(xact_callback, NULL);
-		xact_callback_registered = true;
-	}
-	wake_at_commit = true;
 }
 
 /* Count one finished attempt (or configuration failure) of an item. */

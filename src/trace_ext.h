@@ -127,7 +127,13 @@ extern void trace_worker_slot_attach(int slot);
 extern int	trace_live_worker_pids(int *pids, int max);
 extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
+extern void trace_wake_workers(void);
+
+/* ---- wake.c ---- */
+extern bool trace_is_worker;
+extern void trace_wake_install(void);
 extern void trace_request_wake(void);
+
 /* What trace.metrics and trace.prometheus_metrics() report of one adapter. */
 typedef struct TraceMetrics
 {
@@ -154,7 +160,7 @@ extern void trace_queue_release_orphans(void);
 extern int	trace_queue_claim(int max_rows, const bool *saturated,
 							  TraceItem **items, TimestampTz *next_due);
 extern TimestampTz trace_queue_record(TraceItem **items, int n);
-extern int64 trace_queue_cleanup(void);
+extern int64 trace_queue_cleanup(TimestampTz *oldest);
 extern bool trace_extension_present(void);
 
 /* ---- payload.c: called inside the claim transaction ---- */

@@ -24,7 +24,6 @@
 
 PG_FUNCTION_INFO_V1(trace_on_trade_close);
 PG_FUNCTION_INFO_V1(trace_enqueue);
-PG_FUNCTION_INFO_V1(trace_wake);
 
 /*
  * Prepared enqueue statements, one per trades table and key types.  A
@@ -368,12 +367,4 @@ trace_enqueue(PG_FUNCTION_ARGS)
 				 errmsg("trace.enqueue: trade %lld not found in any attached trades table",
 						(long long) trade_id)));
 	PG_RETURN_INT32(queued);
-}
-
-/* trace._wake(): wake the workers when this transaction commits. */
-Datum
-trace_wake(PG_FUNCTION_ARGS)
-{
-	trace_request_wake();
-	PG_RETURN_VOID();
 }

@@ -33,9 +33,6 @@
 #include "adapters/adapter.h"
 #include "src/trace_ext.h"
 
-/* While requests are in flight, how often the latch and settings are checked. */
-#define INFLIGHT_POLL_MS	20
-
 /*
  * Shortest sleep after a pass that claimed nothing although a row looked
  * due: such a row is locked by someone else's open transaction, and
@@ -61,7 +58,9 @@ static int	rows_claimed = 0;		/* by the current pass */
  * SHA-256), which registers with the current resource owner.
  */
 static ResourceOwner adapter_owner = NULL;
-static TimestampTz last_cleanup = 0;
+
+/* When trace.cleanup() may next find rows older than trace.ttl; 0: now. */
+static TimestampTz next_cleanup = 0;
 
 void
 trace_register_workers(void)
@@ -92,6 +91,7 @@ reload_if_asked(void)
 		ConfigReloadPending = false;
 		ProcessConfigFile(PGC_SIGHUP);
 		trace_secrets_load();
+		next_cleanup = 0;		/* trace.ttl may have changed */
 	}
 }
 
@@ -227,6 +227,21 @@ record_done(void)
 }
 
 /*
+ * How long to wait for transfers: until something happens (a socket, a
+ * commit setting our latch), but no later than the earliest row left
+ * unclaimed and trace.poll_interval (settings are looked at in between).
+ */
+static int
+wait_ms(TimestampTz claim_due)
+{
+	long		ms = trace_poll_interval_ms;
+
+	if (claim_due != DT_NOEND)
+		ms = Min(ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), claim_due));
+	return (int) Max(ms, 1);
+}
+
+/*
  * One pass: keep claiming, sending and recording until nothing is in
  * flight and nothing more is due.  Returns when the next row is due.
  */
@@ -286,7 +301,7 @@ run_pass(void)
 		if (trace_http_inflight_total() == 0 && !may_have_due &&
 			!trace_http_has_done())
 			break;
-		trace_http_poll(INFLIGHT_POLL_MS);
+		trace_http_poll(wait_ms(claim_due));
 	}
 	return Min(next_due, claim_due);
 }
@@ -324,23 +339,34 @@ run_pass_guarded(bool *extension_ok)
 	return next_due;
 }
 
+/*
+ * Run trace.cleanup() when rows may have outlived trace.ttl: at start,
+ * then when the oldest row left expires, but at most every ttl/4 (and
+ * every hour).  An idle queue thus costs no query until a row expires.
+ */
 static void
 cleanup_if_due(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	int			every_s = Min(3600, Max(1, trace_ttl_s / 4));
+	TimestampTz oldest = DT_NOEND;
 
-	if (!TimestampDifferenceExceeds(last_cleanup, now, every_s * 1000))
+	if (now < next_cleanup)
 		return;
-	last_cleanup = now;
+	next_cleanup = TimestampTzPlusMilliseconds(now, (int64) every_s * 1000);
 	PG_TRY();
 	{
-		int64		deleted = trace_queue_cleanup();
+		int64		deleted = trace_queue_cleanup(&oldest);
 
 		if (deleted > 0)
 			ereport(LOG,
 					(errmsg("trace_ext: deleted " INT64_FORMAT " queue rows older than trace.ttl",
 							deleted)));
+		/* rows queued from now on expire a whole ttl from now, or later */
+		if (oldest == DT_NOEND || oldest > now)
+			oldest = now;
+		next_cleanup = Max(next_cleanup,
+						   TimestampTzPlusMilliseconds(oldest, (int64) trace_ttl_s * 1000));
 	}
 	PG_CATCH();
 	{
@@ -351,20 +377,29 @@ cleanup_if_due(void)
 	PG_END_TRY();
 }
 
-/* Sleep up to timeout_ms, or until our latch is set; then obey signals. */
-static void
+/*
+ * Sleep up to timeout_ms, or until our latch is set; then obey signals.
+ * Returns whether the latch is set (left set: the caller resets it before
+ * looking for work, so that no wakeup is lost).
+ */
+static bool
 nap(long timeout_ms)
 {
+	int			rc = 0;
+
 	if (timeout_ms > 0)
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 timeout_ms, PG_WAIT_EXTENSION);
-	ResetLatch(MyLatch);
+		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					   timeout_ms, PG_WAIT_EXTENSION);
 	CHECK_FOR_INTERRUPTS();
 	reload_if_asked();
+	return (rc & WL_LATCH_SET) != 0 || MyLatch->is_set;
 }
 
-/* Sleep until the next row is due, trace.poll_interval at most. */
-static void
+/*
+ * Sleep until the next row is due, trace.poll_interval at most; true if
+ * woken (a commit queued or changed rows, or a signal came).
+ */
+static bool
 sleep_until(TimestampTz when)
 {
 	long		timeout = trace_poll_interval_ms;
@@ -377,7 +412,7 @@ sleep_until(TimestampTz when)
 		if (rows_claimed == 0)
 			timeout = Max(timeout, Min(LOCKED_ROW_SLEEP_MS, trace_poll_interval_ms));
 	}
-	nap(timeout);
+	return nap(timeout);
 }
 
 /* How often a worker looks for a missing database or extension. */
@@ -389,8 +424,11 @@ wait_for_extension(void)
 {
 	bool		logged = false;
 
-	while (!trace_extension_present())
+	for (;;)
 	{
+		ResetLatch(MyLatch);
+		if (trace_extension_present())
+			break;
 		if (!logged)
 			ereport(LOG,
 					(errmsg("trace_ext: waiting for CREATE EXTENSION trace_ext in database \"%s\"",
@@ -427,6 +465,7 @@ wait_for_database(void)
 	{
 		bool		exists;
 
+		ResetLatch(MyLatch);
 		SetCurrentStatementStartTimestamp();
 		StartTransactionCommand();
 		exists = OidIsValid(get_database_oid(trace_database, true));
@@ -463,12 +502,14 @@ trace_worker_main(Datum arg)
 {
 	int			slot = DatumGetInt32(arg);
 	bool		extension_ok = false;
+	bool		woken = true;
 	TimestampTz next_due = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
+	trace_is_worker = true;
 	trace_worker_slot_attach(slot);
 	connect_to_database();
 	pgstat_report_appname("trace_ext worker");
@@ -498,8 +539,14 @@ trace_worker_main(Datum arg)
 			PG_END_TRY();
 		}
 
-		next_due = run_pass_guarded(&extension_ok);
+		/*
+		 * Between passes, no query: a pass runs only when a commit woke us
+		 * or the earliest row we know of is due.  Waking up for
+		 * trace.poll_interval alone costs nothing but the wakeup.
+		 */
+		if (woken || GetCurrentTimestamp() >= next_due)
+			next_due = run_pass_guarded(&extension_ok);
 		cleanup_if_due();
-		sleep_until(next_due);
+		woken = sleep_until(Min(next_due, next_cleanup));
 	}
 }
