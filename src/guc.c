@@ -10,6 +10,7 @@
 
 #include <ctype.h>
 #include <limits.h>
+#include <curl/curl.h>
 
 #include "miscadmin.h"
 #include "utils/guc.h"
@@ -175,6 +176,47 @@ check_payload_columns(char **newval, void **extra, GucSource source)
 				return false;
 			}
 		}
+		/* A column named twice would be a duplicate key in every payload. */
+		for (ListCell *prev = list_head(items); prev != lc; prev = lnext(items, prev))
+		{
+			if (strcmp(lfirst(prev), name) == 0)
+			{
+				GUC_check_errdetail("trace.payload_columns names \"%s\" twice.", name);
+				return false;
+			}
+		}
+	}
+	return true;
+}
+
+/*
+ * Parse the URL as libcurl will when sending, so that a malformed one (no
+ * host, a bad port or IPv6 address) is refused now, naming the parameter,
+ * rather than failing every delivery later.
+ */
+static bool
+check_url_syntax(const char *url, const char *guc)
+{
+	CURLU	   *u = curl_url();
+	CURLUcode	rc;
+	char	   *host = NULL;
+
+	if (u == NULL)
+	{
+		GUC_check_errdetail("%s could not be parsed: out of memory.", guc);
+		return false;
+	}
+	rc = curl_url_set(u, CURLUPART_URL, url, 0);
+	if (rc == CURLUE_OK)
+		rc = curl_url_get(u, CURLUPART_HOST, &host, 0);
+	if (rc == CURLUE_OK && host[0] == '\0')
+		rc = CURLUE_NO_HOST;
+	curl_free(host);
+	curl_url_cleanup(u);
+	if (rc != CURLUE_OK)
+	{
+		GUC_check_errdetail("%s is not a valid URL: %s.", guc, curl_url_strerror(rc));
+		return false;
 	}
 	return true;
 }
@@ -194,13 +236,13 @@ check_url(char **newval, const char *guc)
 	}
 	for (const char *p = url; *p; p++)
 	{
-		if ((unsigned char) *p <= ' ')
+		if ((unsigned char) *p <= ' ' || *p == 0x7f)
 		{
 			GUC_check_errdetail("%s must not contain spaces or control characters.", guc);
 			return false;
 		}
 	}
-	return true;
+	return check_url_syntax(url, guc);
 }
 
 static bool
@@ -221,7 +263,19 @@ check_s3_endpoint(char **newval, void **extra, GucSource source)
 	return check_url(newval, "trace.s3_endpoint");
 }
 
-/* An HTTP header name is a non-empty RFC 9110 token. */
+/*
+ * Headers the token must not replace: libcurl would send the token in
+ * place of the real Host or Content-Length (a broken or smuggled
+ * request), and the others are the ones trace_ext itself sends.
+ */
+static const char *const reserved_headers[] = {
+	"Host", "Content-Length", "Transfer-Encoding", "Content-Type",
+	"Content-Encoding", "Connection", "Keep-Alive", "Upgrade", "TE", "Trailer",
+	"Expect", "Idempotency-Key", "User-Agent", "webhook-id",
+	"webhook-timestamp", "webhook-signature"
+};
+
+/* An HTTP header name is a non-empty RFC 9110 token, not a reserved one. */
 static bool
 check_auth_header(char **newval, void **extra, GucSource source)
 {
@@ -237,6 +291,15 @@ check_auth_header(char **newval, void **extra, GucSource source)
 		if (!(isalnum((unsigned char) *p) || strchr("!#$%&'*+-.^_`|~", *p)))
 		{
 			GUC_check_errdetail("trace.webhook_auth_header must be an HTTP header name (letters, digits, '-').");
+			return false;
+		}
+	}
+	for (int i = 0; i < lengthof(reserved_headers); i++)
+	{
+		if (pg_strcasecmp(name, reserved_headers[i]) == 0)
+		{
+			GUC_check_errdetail("trace.webhook_auth_header cannot be \"%s\": that header is set by HTTP or by trace_ext.",
+								name);
 			return false;
 		}
 	}
@@ -286,13 +349,99 @@ check_secrets_file(char **newval, void **extra, GucSource source)
 	return false;
 }
 
+/*
+ * The prefix is part of the request path: a "." or ".." segment would be
+ * resolved away by libcurl, and the object written outside the bucket.
+ */
 static bool
 check_s3_prefix(char **newval, void **extra, GucSource source)
 {
-	if (*newval == NULL || (*newval)[0] != '/')
+	const char *p = *newval;
+
+	if (p == NULL)
 		return true;
-	GUC_check_errdetail("trace.s3_prefix must not start with \"/\".");
-	return false;
+	if (p[0] == '/')
+	{
+		GUC_check_errdetail("trace.s3_prefix must not start with \"/\".");
+		return false;
+	}
+	while (*p)
+	{
+		size_t		seg = strcspn(p, "/");
+
+		if ((seg == 1 && p[0] == '.') || (seg == 2 && p[0] == '.' && p[1] == '.'))
+		{
+			GUC_check_errdetail("trace.s3_prefix must not contain \".\" or \"..\" path segments.");
+			return false;
+		}
+		p += seg;
+		if (*p == '/')
+			p++;
+	}
+	for (p = *newval; *p; p++)
+	{
+		if ((unsigned char) *p < ' ' || *p == 0x7f)
+		{
+			GUC_check_errdetail("trace.s3_prefix must not contain control characters.");
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * The region ends up in libcurl's "aws:amz:<region>:s3" signer string, so
+ * a ':' would change what is signed: letters, digits, '-' and '_' only.
+ */
+static bool
+check_s3_region(char **newval, void **extra, GucSource source)
+{
+	const char *p = *newval;
+
+	if (p == NULL || p[0] == '\0')
+	{
+		GUC_check_errdetail("trace.s3_region must not be empty.");
+		return false;
+	}
+	for (; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || *p == '-' || *p == '_'))
+		{
+			GUC_check_errdetail("trace.s3_region must be a region name (letters, digits, '-', '_').");
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * A bucket is one path segment: S3's naming rules (letters, digits, '.',
+ * '-', '_'; starting and ending with a letter or digit), so that it can
+ * be neither "..", nor contain '/', '?' or '#'.
+ */
+static bool
+check_s3_bucket(char **newval, void **extra, GucSource source)
+{
+	const char *b = *newval;
+	size_t		len;
+
+	if (b == NULL || b[0] == '\0')
+		return true;
+	len = strlen(b);
+	for (const char *p = b; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || *p == '.' || *p == '-' || *p == '_'))
+		{
+			GUC_check_errdetail("trace.s3_bucket must be a bucket name (letters, digits, '.', '-', '_').");
+			return false;
+		}
+	}
+	if (!isalnum((unsigned char) b[0]) || !isalnum((unsigned char) b[len - 1]))
+	{
+		GUC_check_errdetail("trace.s3_bucket must start and end with a letter or digit.");
+		return false;
+	}
+	return true;
 }
 
 static void
@@ -372,9 +521,10 @@ trace_define_gucs(void)
 				  &trace_s3_endpoint, "https://s3.amazonaws.com", PGC_SIGHUP, 0,
 				  check_s3_endpoint, NULL, NULL);
 	define_string("trace.s3_region", "S3 region used in the signature.",
-				  &trace_s3_region, "us-east-1", PGC_SIGHUP, 0, NULL, NULL, NULL);
+				  &trace_s3_region, "us-east-1", PGC_SIGHUP, 0,
+				  check_s3_region, NULL, NULL);
 	define_string("trace.s3_bucket", "S3 bucket of the export.",
-				  &trace_s3_bucket, "", PGC_SIGHUP, 0, NULL, NULL, NULL);
+				  &trace_s3_bucket, "", PGC_SIGHUP, 0, check_s3_bucket, NULL, NULL);
 	define_string("trace.s3_prefix", "Key prefix of the S3 export.",
 				  &trace_s3_prefix, "traces/", PGC_SIGHUP, 0,
 				  check_s3_prefix, NULL, NULL);
