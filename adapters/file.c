@@ -215,21 +215,31 @@ file_prepare(TraceItem *item, TraceRequest *req)
 	return export_local(item);
 }
 
-/* S3 explains a refusal in <Code>...</Code>: keep it in last_error. */
+/*
+ * S3 explains a refusal in <Code>...</Code>: keep it in last_error.  The
+ * body comes from the tracker, so only printable ASCII is copied (a code
+ * is CamelCase letters): anything else would put invalid UTF-8 or control
+ * characters into a text column and the log.
+ */
 static void
 file_explain(TraceItem *item, const char *body)
 {
 	const char *start = strstr(body, "<Code>");
 	const char *end;
 	size_t		used = strlen(item->out.error);
+	char		code[65];
+	int			len;
 
 	if (start == NULL || (end = strstr(start, "</Code>")) == NULL)
 		return;
 	start += 6;
-	if (end - start > 64)
+	len = end - start;
+	if (len > 64)
 		return;
-	snprintf(item->out.error + used, sizeof(item->out.error) - used,
-			 " (%.*s)", (int) (end - start), start);
+	for (int i = 0; i < len; i++)
+		code[i] = (start[i] >= 0x20 && start[i] < 0x7f) ? start[i] : '?';
+	code[len] = '\0';
+	snprintf(item->out.error + used, sizeof(item->out.error) - used, " (%s)", code);
 }
 
 const TraceAdapter trace_file_adapter = {
