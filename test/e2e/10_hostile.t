@@ -568,6 +568,14 @@ try:
              "no request was sent",
              "connections %d, requests %d" % (wrong.connections, len(wrong.requests)))
 
+        badcn = serve(hs.ok(), ssl_context=hs.server_context(certs, "badcn"))
+        _, r, _ = hostile_tracker("certificate name with an escape sequence", badcn, "tls",
+                                  None, r"^tls: .*does not match target host name")
+        todo(not re.search(r"[\x00-\x1f\x7f]", r.get("last_error") or ""),
+             "the peer's certificate name reaches last_error without its control characters",
+             "src/outcome.c trace_outcome_fail() keeps libcurl's error text as it is, and "
+             "libcurl quotes the peer's certificate name: %r" % (r.get("last_error"),))
+
         rogue = serve(hs.ok(), ssl_context=hs.server_context(certs, "rogue"))
         hostile_tracker("unknown CA, another CA trusted", rogue, "tls", None,
                         r"^tls: .*certificate")

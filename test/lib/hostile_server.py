@@ -317,7 +317,8 @@ class HostileServer:
 def make_tls_material(directory, openssl="openssl"):
     """A throwaway CA and three certificates signed by it, in directory:
     ca.pem (the CA), good.{pem,key} (SAN localhost, 127.0.0.1),
-    wronghost.{pem,key} (SAN wrong.example only), plus rogue-ca.pem and
+    wronghost.{pem,key} (SAN wrong.example only), badcn.{pem,key} (no
+    SAN, a common name holding an ESC character), plus rogue-ca.pem and
     rogue.{pem,key} (SAN localhost, 127.0.0.1, signed by a CA nobody
     trusts).  EC P-256 keys, so it takes a fraction of a second."""
     import os
@@ -344,6 +345,14 @@ def make_tls_material(directory, openssl="openssl"):
                     "extendedKeyUsage=serverAuth\n" % san)
         run("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
             "-CAcreateserial", "-out", name + ".pem", "-days", "2", "-extfile", ext)
+    # No subjectAltName, and a common name with an escape sequence in it:
+    # libcurl quotes the peer's name in its error message.
+    run("req", *ec, "-keyout", "badcn.key", "-out", "badcn.csr",
+        "-subj", "/CN=evil\x1b[31mtracker")
+    with open(os.path.join(directory, "badcn.ext"), "w") as f:
+        f.write("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "badcn.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "badcn.pem", "-days", "2", "-extfile", "badcn.ext")
     for f in os.listdir(directory):
         os.chmod(os.path.join(directory, f), 0o644)
     os.chmod(directory, 0o755)
