@@ -11,8 +11,9 @@
    all, and never crash the worker;
 2. hostile trackers (a 1 GiB answer, a reset mid-body, silence, garbage
    that is not HTTP, header lines forever, an answer dripped a byte at a
-   time, an S3 error code of hostile bytes, 301/302/307/308 redirects to http, file, gopher and
-   dict URLs, TLS with an unknown CA or the wrong host name) each end as a
+   time, an S3 error code of hostile bytes, 301/302/307/308 redirects to
+   http, file, gopher and dict URLs, TLS with an unknown CA, the wrong
+   host name or a certificate name holding an escape) each end as a
    recorded failure with the right reason in trace.failures and
    trace.prometheus_metrics(), the redirect target and the other schemes
    never get a connection, a file:// target is never opened, the worker
