@@ -162,9 +162,11 @@ ALTER SYSTEM RESET trace.s3_region;
 ALTER SYSTEM RESET trace.s3_bucket;
 ALTER SYSTEM RESET trace.s3_prefix;
 
--- Files: relative paths; a secrets file that is not a regular private file.
+-- Files: relative paths, a CA bundle that cannot be read, a secrets file
+-- that is not a regular private file.
 ALTER SYSTEM SET trace.ca_file = 'ca.pem';
 ALTER SYSTEM SET trace.ca_file = '~/ca.pem';
+ALTER SYSTEM SET trace.ca_file = '/nonexistent/ca.pem';
 ALTER SYSTEM SET trace.secrets_file = 'secrets';
 ALTER SYSTEM SET trace.secrets_file = '/nonexistent/trace_ext.secrets';
 ALTER SYSTEM SET trace.secrets_file = '/etc/passwd';

@@ -10,6 +10,7 @@
 
 #include <ctype.h>
 #include <limits.h>
+#include <unistd.h>
 #include <curl/curl.h>
 
 #include "miscadmin.h"
@@ -330,10 +331,21 @@ check_file_export_dir(char **newval, void **extra, GucSource source)
 	return check_absolute_path(newval, "trace.file_export_dir");
 }
 
+/*
+ * A CA bundle that cannot be read would fail every HTTPS delivery: refuse
+ * it when set (it may still disappear later; that is a recorded failure).
+ */
 static bool
 check_ca_file(char **newval, void **extra, GucSource source)
 {
-	return check_absolute_path(newval, "trace.ca_file");
+	if (!check_absolute_path(newval, "trace.ca_file"))
+		return false;
+	if ((*newval)[0] != '\0' && access(*newval, R_OK) != 0)
+	{
+		GUC_check_errdetail("trace.ca_file \"%s\" cannot be read: %m.", *newval);
+		return false;
+	}
+	return true;
 }
 
 static bool

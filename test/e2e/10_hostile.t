@@ -582,6 +582,18 @@ try:
                         r"^tls: .*certificate")
         t.ok(rogue.tls_failures >= MAX_RETRIES + 1 and not rogue.requests,
              "trusting one CA does not turn verification off for others")
+        # A CA bundle removed after it was set: recorded, naming the file.
+        gone = os.path.join(certs, "gone-ca.pem")
+        shutil.copy(os.path.join(certs, "ca.pem"), gone)
+        os.chmod(gone, 0o644)
+        env.set_gucs({"trace.ca_file": gone})
+        os.unlink(gone)
+        n_before = len(good.requests)
+        _, r, _ = hostile_tracker("trace.ca_file removed after it was set", good,
+                                  ("tls", "config"), None, r"gone-ca\.pem", path="/tls")
+        t.diag("last_error: %s" % r.get("last_error"))
+        t.is_(len(good.requests), n_before,
+              "no request reached the tracker without the CA bundle")
         env.set_gucs({"trace.ca_file": ""})
 
     with t.case("an S3 tracker whose error code is hostile bytes"):
