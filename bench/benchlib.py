@@ -84,8 +84,11 @@ def print_block(title, lines):
 
 def start_cluster(settings, name, preload_extra=None, pg_settings=None):
     """A cluster with trace_ext preloaded (plus preload_extra), database
-    `trades` with the reference trade store and the extension."""
-    conf = {"trace.database": DB}
+    `trades` with the reference trade store and the extension; fsync,
+    synchronous_commit and full_page_writes on."""
+    # Durable, as in production (the test clusters turn these off for speed).
+    conf = {"trace.database": DB, "fsync": True, "synchronous_commit": True,
+            "full_page_writes": True}
     conf.update(settings)
     conf.update(pg_settings or {})
     if preload_extra:

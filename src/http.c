@@ -339,9 +339,15 @@ transport_reason(CURLcode rc)
 		case CURLE_SSL_INVALIDCERTSTATUS:
 		case CURLE_SSL_SHUTDOWN_FAILED:
 			return TRACE_REASON_TLS;
-		case CURLE_UNSUPPORTED_PROTOCOL:
 		case CURLE_URL_MALFORMAT:
 			return TRACE_REASON_CONFIG;
+		case CURLE_UNSUPPORTED_PROTOCOL:
+			/*
+			 * Other schemes never reach libcurl (check hooks, protocol
+			 * list); this is a tracker answering something that is not
+			 * HTTP ("Received HTTP/0.9").
+			 */
+			return TRACE_REASON_OTHER;
 		default:
 			return TRACE_REASON_OTHER;
 	}

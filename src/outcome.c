@@ -8,7 +8,30 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
+
 #include "src/trace_ext.h"
+
+/*
+ * Texts can quote what a tracker sent (a certificate's name, an error
+ * code): no control characters, and no UTF-8 character cut in half by the
+ * length limit, so that last_error is always valid text in the database's
+ * encoding.
+ */
+static void
+sanitize(char *text)
+{
+	int			len;
+	int			valid;
+
+	for (unsigned char *p = (unsigned char *) text; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			*p = '?';
+	len = strlen(text);
+	valid = pg_encoding_verifymbstr(GetDatabaseEncoding(), text, len);
+	if (valid < len)
+		text[valid] = '\0';
+}
 
 void
 trace_outcome_fail(TraceOutcome *out, TraceReason reason, const char *fmt,...)
@@ -21,6 +44,7 @@ trace_outcome_fail(TraceOutcome *out, TraceReason reason, const char *fmt,...)
 	va_start(args, fmt);
 	vsnprintf(out->error, sizeof(out->error), fmt, args);
 	va_end(args);
+	sanitize(out->error);
 }
 
 void

@@ -17,6 +17,7 @@
 #include "storage/proc.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
+#include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
 
@@ -40,6 +41,8 @@ typedef struct TraceShared
 	slock_t		mutex;			/* guards pids and latches */
 	pid_t		pids[TRACE_MAX_WORKERS];
 	Latch	   *latches[TRACE_MAX_WORKERS];
+	/* each worker's next planned pass (a TimestampTz); DT_NOEND: any commit */
+	pg_atomic_uint64 wake_at[TRACE_MAX_WORKERS];
 	bool		database_missing;	/* a worker found trace.database absent */
 	TraceCounters counters[TRACE_NUM_ADAPTERS];
 } TraceShared;
@@ -73,6 +76,8 @@ shmem_startup(void)
 	{
 		memset(shared, 0, sizeof(TraceShared));
 		SpinLockInit(&shared->mutex);
+		for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+			pg_atomic_init_u64(&shared->wake_at[i], (uint64) DT_NOEND);
 		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
 		{
 			TraceCounters *c = &shared->counters[a];
@@ -124,6 +129,7 @@ trace_worker_slot_attach(int slot)
 	shared->pids[slot] = MyProcPid;
 	shared->latches[slot] = MyLatch;
 	SpinLockRelease(&shared->mutex);
+	trace_publish_wake_at(DT_NOEND);
 	on_shmem_exit(worker_slot_detach, (Datum) 0);
 }
 
@@ -165,20 +171,37 @@ trace_set_database_missing(bool missing)
 }
 
 /*
- * Set every worker's latch.  Reading a latch pointer without the spinlock
- * is safe: it points into a PGPROC, which outlives the worker, and setting
- * a stale latch only causes a spurious wakeup.
+ * A worker says when it will next look at the queue by itself: commits of
+ * rows due no earlier need not wake it.  Before a pass it says DT_NOEND,
+ * so that every commit during the pass sets its latch and the pass is
+ * followed by another.  The exchange is a full barrier: the value is
+ * visible before the worker's next snapshot is taken.
  */
 void
-trace_wake_workers(void)
+trace_publish_wake_at(TimestampTz when)
+{
+	if (my_slot >= 0)
+		(void) pg_atomic_exchange_u64(&shared->wake_at[my_slot], (uint64) when);
+}
+
+/*
+ * Wake the workers that would otherwise sleep past `due` (DT_NOBEGIN: all
+ * of them).  Reading a latch pointer without the spinlock is safe: it
+ * points into a PGPROC, which outlives the worker, and setting a stale
+ * latch only causes a spurious wakeup.
+ */
+void
+trace_wake_workers(TimestampTz due)
 {
 	if (shared == NULL)
 		return;
+	pg_memory_barrier();		/* our commit is visible before we look */
 	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
 	{
 		Latch	   *latch = shared->latches[i];
 
-		if (latch != NULL)
+		if (latch != NULL &&
+			due < (TimestampTz) pg_atomic_read_u64(&shared->wake_at[i]))
 			SetLatch(latch);
 	}
 }

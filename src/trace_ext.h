@@ -127,12 +127,15 @@ extern void trace_worker_slot_attach(int slot);
 extern int	trace_live_worker_pids(int *pids, int max);
 extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
-extern void trace_wake_workers(void);
+extern void trace_wake_workers(TimestampTz due);
+extern void trace_publish_wake_at(TimestampTz when);
 
 /* ---- wake.c ---- */
 extern bool trace_is_worker;
+extern bool trace_enqueuing;
 extern void trace_wake_install(void);
 extern void trace_request_wake(void);
+extern void trace_request_wake_at(TimestampTz due);
 
 /* What trace.metrics and trace.prometheus_metrics() report of one adapter. */
 typedef struct TraceMetrics

@@ -10,6 +10,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -19,6 +20,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
 
@@ -52,8 +54,8 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
 	initStringInfo(&sql);
 	appendStringInfo(&sql,
 					 "INSERT INTO trace.trace_queue AS q (trade_id, adapter, trade_table, due_at) "
-					 "SELECT $1, a.name, $4, now() + make_interval(secs => $5) "
-					 "  FROM (SELECT DISTINCT x AS name FROM unnest($6) AS x) AS a "
+					 "SELECT $1, a.name, $4, $5 "
+					 "  FROM unnest($6) AS a(name) "
 					 " WHERE EXISTS (SELECT 1 FROM %s.users u "
 					 "                WHERE u.user_id = $2 AND u.tracing_enabled) "
 					 "   AND (NOT $7 OR EXISTS (SELECT 1 FROM %s.signals s "
@@ -70,11 +72,16 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
 	argtypes[1] = types[1];
 	argtypes[2] = types[2];
 	argtypes[3] = REGCLASSOID;
-	argtypes[4] = FLOAT8OID;
+	argtypes[4] = TIMESTAMPTZOID;
 	argtypes[5] = TEXTARRAYOID;
 	argtypes[6] = BOOLOID;
 
-	plan = SPI_prepare(sql.data, 7, argtypes);
+	/*
+	 * A generic plan: it is the same for every trade, and planning it for
+	 * each close (what the plan cache would otherwise choose, as custom
+	 * plans look no costlier) would cost more than running it.
+	 */
+	plan = SPI_prepare_cursor(sql.data, 7, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	if (plan == NULL)
 		elog(ERROR, "trace_ext: could not prepare the enqueue statement: %s",
 			 SPI_result_code_string(SPI_result));
@@ -111,19 +118,46 @@ enqueue_plan(Oid relid, const Oid *types)
 	return plans[nplans++].plan;
 }
 
-/* The enabled adapters as a text[] datum, or NULL when none is enabled. */
+/* The adapters marked in `want`, each once, as a text[]; NULL if none. */
 static ArrayType *
-enabled_adapters_array(void)
+adapters_array(const bool *want)
 {
 	Datum		names[TRACE_NUM_ADAPTERS];
 	int			n = 0;
 
 	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
-		if (trace_adapter_enabled(kind))
+		if (want[kind])
 			names[n++] = CStringGetTextDatum(trace_adapter_name(kind));
 	if (n == 0)
 		return NULL;
 	return construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT);
+}
+
+/* The enabled adapters as a text[], or NULL when none is enabled. */
+static ArrayType *
+enabled_adapters_array(void)
+{
+	bool		want[TRACE_NUM_ADAPTERS];
+
+	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+		want[kind] = trace_adapter_enabled(kind);
+	return adapters_array(want);
+}
+
+/* An operator's adapter list (names already checked) without repeats. */
+static ArrayType *
+distinct_adapters_array(ArrayType *adapters)
+{
+	bool		want[TRACE_NUM_ADAPTERS] = {false};
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+
+	deconstruct_array(adapters, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (int i = 0; i < n; i++)
+		want[trace_adapter_from_name(TextDatumGetCString(elems[i]))] = true;
+	return adapters_array(want);
 }
 
 /*
@@ -142,10 +176,10 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	ArrayType  *adapters = explicit_adapters;
 	Datum		values[7];
 	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	TimestampTz due;
 	int			rc;
 
-	if (adapters == NULL)
-		adapters = enabled_adapters_array();
+	adapters = adapters ? distinct_adapters_array(adapters) : enabled_adapters_array();
 	if (adapters == NULL || user_null)
 		return 0;
 
@@ -155,17 +189,30 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	if (signal_null)
 		nulls[2] = 'n';
 	values[3] = ObjectIdGetDatum(trade_table);
-	values[4] = Float8GetDatum((double) trace_delay_s);
+	/* due at now() + trace.delay, now() being the transaction's start */
+	due = TimestampTzPlusMilliseconds(GetCurrentTransactionStartTimestamp(),
+									  (int64) trace_delay_s * 1000);
+	values[4] = TimestampTzGetDatum(due);
 	values[5] = PointerGetDatum(adapters);
 	values[6] = BoolGetDatum(explicit_adapters == NULL);
 
-	rc = SPI_execute_plan(enqueue_plan(trade_table, types), values, nulls,
-						  false, 0);
+	/* the queue's statement trigger leaves the wake to us (below) */
+	trace_enqueuing = true;
+	PG_TRY();
+	{
+		rc = SPI_execute_plan(enqueue_plan(trade_table, types), values, nulls,
+							  false, 0);
+	}
+	PG_FINALLY();
+	{
+		trace_enqueuing = false;
+	}
+	PG_END_TRY();
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "trace_ext: enqueue failed: %s", SPI_result_code_string(rc));
 
 	if (SPI_processed > 0)
-		trace_request_wake();
+		trace_request_wake_at(due);
 	return (int) SPI_processed;
 }
 

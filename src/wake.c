@@ -18,6 +18,7 @@
 #include "fmgr.h"
 #include "nodes/parsenodes.h"
 #include "tcop/utility.h"
+#include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
 
@@ -27,7 +28,11 @@ PG_FUNCTION_INFO_V1(trace_queue_changed);
 /* Set in the workers: their own queue updates wake nobody. */
 bool		trace_is_worker = false;
 
-static bool wake_at_commit = false;
+/* Set while the trades trigger queues rows: it asks for its own wake. */
+bool		trace_enqueuing = false;
+
+/* Earliest due_at this transaction queued (DT_NOBEGIN: unknown, wake all). */
+static TimestampTz wake_due = DT_NOEND;
 static bool xact_callback_registered = false;
 static ProcessUtility_hook_type prev_utility_hook = NULL;
 
@@ -38,15 +43,15 @@ xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_at_commit)
-				trace_wake_workers();
-			wake_at_commit = false;
+			if (wake_due != DT_NOEND)
+				trace_wake_workers(wake_due);
+			wake_due = DT_NOEND;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* a prepared transaction wakes at COMMIT PREPARED (below) */
-			wake_at_commit = false;
+			wake_due = DT_NOEND;
 			break;
 		default:
 			break;
@@ -54,11 +59,13 @@ xact_callback(XactEvent event, void *arg)
 }
 
 /*
- * Ask for the workers to be woken when the current transaction commits:
- * rows it queued become visible then, not before.
+ * Ask for the workers to be woken when the current transaction commits
+ * (rows it queued become visible then, not before), unless they will look
+ * at the queue by `due` anyway: rows held back by trace.delay wake nobody
+ * while a worker already plans a pass before they are due.
  */
 void
-trace_request_wake(void)
+trace_request_wake_at(TimestampTz due)
 {
 	if (!trace_preloaded || trace_is_worker)
 		return;
@@ -67,7 +74,14 @@ trace_request_wake(void)
 		RegisterXactCallback(xact_callback, NULL);
 		xact_callback_registered = true;
 	}
-	wake_at_commit = true;
+	wake_due = Min(wake_due, due);
+}
+
+/* Wake the workers at commit, whatever they planned. */
+void
+trace_request_wake(void)
+{
+	trace_request_wake_at(DT_NOBEGIN);
 }
 
 /*
@@ -129,6 +143,7 @@ trace_queue_changed(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("trace._queue_changed() must be called as a trigger")));
-	trace_request_wake();
+	if (!trace_enqueuing)
+		trace_request_wake();
 	PG_RETURN_POINTER(NULL);
 }

@@ -545,8 +545,13 @@ trace_worker_main(Datum arg)
 		 * trace.poll_interval alone costs nothing but the wakeup.
 		 */
 		if (woken || GetCurrentTimestamp() >= next_due)
+		{
+			trace_publish_wake_at(DT_NOEND);
 			next_due = run_pass_guarded(&extension_ok);
+		}
 		cleanup_if_due();
+		/* rows due later than next_due need not wake us (see wake.c) */
+		trace_publish_wake_at(next_due);
 		woken = sleep_until(Min(next_due, next_cleanup));
 	}
 }
