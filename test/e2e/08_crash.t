@@ -2,6 +2,11 @@
 """Crashes and concurrency, end to end: nothing is lost, nothing is sent
 twice in the normal path, and no snapshot is held across the network.
 
+- A tracker down for a long time: 50,000 rows (25,000 trades, two
+  trackers) back up while it refuses connections, then answers 503; then
+  it comes back.  Every row is delivered under its own Idempotency-Key,
+  and the worker's memory and open files, sampled throughout, stay flat
+  (the bounds are explained at class Sampler).
 - kill -9 of the worker 10 times, at random points, while 1,000 rows (500
   trades, two trackers) go to a slow tracker (20-50 ms per answer): every
   row ends delivered, every (trade, adapter) reached its tracker, every
@@ -15,6 +20,9 @@ twice in the normal path, and no snapshot is held across the network.
 - trace.workers = 3 and a burst of 5,000 rows to a fast tracker: all three
   workers claimed rows, yet every row was claimed once (attempts = 1) and
   every (trade, adapter) got exactly one request.
+- Two sessions running the worker's own claim statement (read from
+  src/queue.c) at once, one inside an open transaction: disjoint rows, no
+  waiting, and nothing claimable twice.
 - While requests hang at a tracker, no worker holds a snapshot or a
   transaction (pg_stat_activity: backend_xmin and backend_xid NULL, state
   idle), and VACUUM removes the queue rows deleted meanwhile; a control
@@ -34,8 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 import psycopg2  # noqa: E402
+from capture_server import CaptureServer  # noqa: E402
 from tap import Tap, wait_until  # noqa: E402
-from trace_e2e import TraceEnv  # noqa: E402
+from trace_e2e import TraceEnv, free_port  # noqa: E402
 
 t = Tap()
 env = TraceEnv.start_or_exit(t, gucs={"synchronous_commit": "on",
@@ -51,12 +60,14 @@ READY = "database system is ready to accept connections"
 _next_id = [2_000_000]
 
 
-def bulk_close(n, signal_id=10, chunk=None):
+def bulk_close(n, signal_id=10, chunk=None, first=None):
     """Insert n OPEN trades of user 1 (opted in) and close them, in one
-    UPDATE (or in UPDATEs of `chunk` trades); returns their ids."""
-    first = _next_id[0]
+    UPDATE (or in UPDATEs of `chunk` trades); returns their ids (from
+    `first`, else the next unused)."""
+    if first is None:
+        first = _next_id[0]
+        _next_id[0] = first + n
     last = first + n - 1
-    _next_id[0] = last + 1
     env.sql("""
         INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
                             instrument, side, volume, entry_price, opened_at,
@@ -130,7 +141,186 @@ def wait_ready_after(since, timeout=90):
     return False
 
 
+class Sampler:
+    """Memory and open files of one process, every 0.25 s, in a thread:
+    VmRSS, RssAnon, RssShmem (kB) and its fds by kind (sockets; event fds:
+    epoll, eventfd, pipes; files).
+
+    The bounds the backlog case applies, and why.  Memory: a worker that
+    kept anything per attempt (a curl handle, a header list, a response
+    buffer, a payload in a long-lived context) would grow with the 100,000+
+    attempts made there; < 20 MB of growth allows under ~200 bytes per
+    attempt.  VmRSS also counts the pages of shared_buffers (32 MB) the
+    worker touches, which is no leak: the private part, RssAnon and
+    VmRSS - RssShmem, is what is bounded.  Sockets: at most
+    trace.batch_size transfers run at once, one connection each, and
+    libcurl's connection cache may keep a few more alive.  Event fds: a
+    wait set or a pipe per pass would pile up; a few may come and go.
+    Files: PostgreSQL opens a relation's files once and keeps them (its
+    own cache, capped by max_files_per_process), so a few more appear as
+    the worker touches more relations; they are reported, bounded loosely."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.samples = []           # dicts
+        self.phase = "idle"
+        self.gone = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def take(self):
+        try:
+            with open("/proc/%d/status" % self.pid) as f:
+                st = dict(line.split(":", 1) for line in f if ":" in line)
+            kinds = {"sockets": 0, "events": 0, "files": 0}
+            fddir = "/proc/%d/fd" % self.pid
+            for fd in os.listdir(fddir):
+                try:
+                    target = os.readlink(os.path.join(fddir, fd))
+                except OSError:
+                    continue
+                if target.startswith("socket:"):
+                    kinds["sockets"] += 1
+                elif target.startswith(("anon_inode:", "pipe:")):
+                    kinds["events"] += 1
+                else:
+                    kinds["files"] += 1
+        except (FileNotFoundError, ProcessLookupError):
+            self.gone = True
+            return None
+
+        def kb(name):
+            return int(st[name].split()[0])
+        s = dict(kinds, time=time.time(), phase=self.phase, vmrss=kb("VmRSS"),
+                 anon=kb("RssAnon"), shmem=kb("RssShmem"),
+                 fds=sum(kinds.values()))
+        s["private"] = s["vmrss"] - s["shmem"]
+        self.samples.append(s)
+        return s
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.take()
+            self._stop.wait(0.25)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+tracker = None
 try:
+    with t.case("a tracker down for a long time: 50,000 rows back up, then it returns"):
+        ROWS, FIRST = 50_000, 5_000_000
+        port = free_port()                  # nothing listens there yet
+        paths = {"/b-mfx": "myfxbook", "/b-wh": "webhook"}
+        # Short backoff, and enough retries that nothing is abandoned.
+        env.set_gucs({"trace.myfxbook_webhook_url": "http://127.0.0.1:%d/b-mfx" % port,
+                      "trace.webhook_endpoint": "http://127.0.0.1:%d/b-wh" % port,
+                      "trace.retry_backoff_base": "500ms", "trace.retry_backoff_cap": "3s"})
+        batch = int(env.sql1("SHOW trace.batch_size"))
+        pid = env.worker_pid()
+        sampler = Sampler(pid)
+        idle = sampler.take()
+        sampler.start()
+
+        def backlog_counts():
+            return dict(env.sql("SELECT status, count(*) FROM trace.trace_queue "
+                                "WHERE trade_id >= %s GROUP BY status", (FIRST,)))
+
+        sampler.phase = "refused"
+        t0 = time.time()
+        bulk_close(ROWS // 2, signal_id=10, first=FIRST)
+        t.is_(sum(backlog_counts().values()), ROWS, "25,000 trades closed: 50,000 rows queued")
+        tried = wait_until(lambda: env.sql1("SELECT min(attempts) FROM trace.trace_queue "
+                                            "WHERE trade_id >= %s", (FIRST,)) >= 2, 240, 0.5)
+        errs = env.sql("SELECT last_error, count(*) FROM trace.trace_queue "
+                       "WHERE trade_id >= %s GROUP BY 1 ORDER BY 2 DESC LIMIT 3", (FIRST,))
+        t.ok(tried, "the tracker refuses connections: every row was tried and retried "
+             "(%.0f s)" % (time.time() - t0), repr(errs))
+        t.ok(errs and all("connect" in (e or "").lower() for e, _ in errs),
+             "... and failed with a connection error", repr(errs))
+
+        sampler.phase = "503"
+        tracker = CaptureServer(port=port, default=503).start()
+        got = tracker.wait_for(lambda rs: len(rs) >= 20_000, 120)
+        c = backlog_counts()
+        t.ok(got and c.get("delivered", 0) == 0 and c.get("abandoned", 0) == 0,
+             "then it answers 503: 20,000 requests refused, nothing delivered or abandoned",
+             repr(c))
+
+        sampler.phase = "back"
+        n503 = len(tracker.requests())
+        for p in paths:
+            tracker.set_behaviour(p, default=200)
+        t0 = time.time()
+        done = wait_until(lambda: backlog_counts() == {"delivered": ROWS}, 300, 1.0)
+        t.ok(done, "it comes back: all 50,000 rows delivered (%.0f s)" % (time.time() - t0),
+             lambda: repr(backlog_counts()))
+        seen, bad = {}, []
+        for p, adapter in paths.items():
+            for r in tracker.requests(p):
+                if r.response is None or r.response["status"] != 200:
+                    continue
+                tid = (r.json() or {}).get("trade_id")
+                if r.header("Idempotency-Key") != "%s-%s" % (tid, adapter):
+                    bad.append("request #%d: Idempotency-Key %r for trade %r"
+                               % (r.seq, r.header("Idempotency-Key"), tid))
+                seen[(tid, adapter)] = seen.get((tid, adapter), 0) + 1
+        expected = {(x, a) for x in range(FIRST, FIRST + ROWS // 2) for a in BOTH}
+        t.ok(set(seen) == expected and not bad,
+             "every (trade, adapter) got a 200, under its own Idempotency-Key",
+             "%d pairs missing\n%s" % (len(expected - set(seen)), "\n".join(bad[:10])))
+        attempts = env.sql1("SELECT sum(attempts) FROM trace.trace_queue "
+                            "WHERE trade_id >= %s", (FIRST,))
+        t.diag("%d attempts in all; %d answered 503; %d requests after the return"
+               % (attempts, n503, len(tracker.requests()) - n503))
+        tracker.stop()
+        tracker = None
+
+        time.sleep(1.0)
+        sampler.stop()
+        busy = [x for x in sampler.samples if x["phase"] != "idle"]
+        t.ok(not sampler.gone and env.worker_pid() == pid and len(busy) > 50,
+             "the same worker process ran throughout (%d samples)" % len(busy))
+        for ph in ("refused", "503", "back"):
+            xs = [x for x in busy if x["phase"] == ph]
+            if xs:
+                t.diag("%-7s %3d samples: RssAnon %d..%d kB, VmRSS %d..%d kB, sockets %d..%d, "
+                       "event fds %d..%d, files %d..%d" % (
+                           ph, len(xs), min(x["anon"] for x in xs), max(x["anon"] for x in xs),
+                           min(x["vmrss"] for x in xs), max(x["vmrss"] for x in xs),
+                           min(x["sockets"] for x in xs), max(x["sockets"] for x in xs),
+                           min(x["events"] for x in xs), max(x["events"] for x in xs),
+                           min(x["files"] for x in xs), max(x["files"] for x in xs)))
+        first = busy[0]
+        for key, label in (("anon", "RssAnon"), ("private", "VmRSS - RssShmem")):
+            hi_ = max(x[key] for x in busy)
+            t.ok(hi_ - first[key] < 20 * 1024,
+                 "worker memory flat: %s grew by < 20 MB (first %d kB, max %d kB)"
+                 % (label, first[key], hi_))
+        t.diag("VmRSS %d..%d kB, shared_buffers pages touched included"
+               % (min(x["vmrss"] for x in busy), max(x["vmrss"] for x in busy)))
+        socks = max(x["sockets"] for x in busy)
+        t.ok(socks <= idle["sockets"] + batch + 10,
+             "sockets never above idle (%d) + trace.batch_size (%d) + 10: max %d"
+             % (idle["sockets"], batch, socks))
+        events = max(x["events"] for x in busy)
+        t.ok(events <= idle["events"] + 4,
+             "event fds (epoll, eventfd, pipes) flat: idle %d, max %d" % (idle["events"], events))
+        files = max(x["files"] for x in busy)
+        t.ok(files <= idle["files"] + 40,
+             "files flat (relation files, opened once): idle %d, max %d"
+             % (idle["files"], files))
+        last = sampler.samples[-1]
+        t.diag("idle before: %d fds (%d sockets); after: %d fds (%d sockets)"
+               % (idle["fds"], idle["sockets"], last["fds"], last["sockets"]))
+        env.set_gucs({"trace.retry_backoff_base": "200ms", "trace.retry_backoff_cap": "2s"})
+
     with t.case("kill -9 of the worker 10 times while 1,000 rows go to a slow tracker"):
         seed = int(os.environ.get("TRACE_CRASH_SEED") or time.time())
         rnd = random.Random(seed)
@@ -315,6 +505,60 @@ try:
         t.ok(not bad, "each request carries its own Idempotency-Key", "\n".join(bad[:20]))
         t.diag("lease samples per worker: %r" % owners)
 
+    with t.case("two sessions running the worker's claim statement at once get disjoint rows"):
+        # The exact statement of src/queue.c (the keep_plan() call holding
+        # FOR UPDATE SKIP LOCKED), run by two sessions in a database no
+        # worker serves, one of them inside an open transaction: the other
+        # must neither wait for it nor get any of its rows.
+        src = (Path(__file__).resolve().parents[2] / "src" / "queue.c").read_text()
+        claim_sql = None
+        for m in re.finditer(r"keep_plan\((.*?)\);", src, re.S):
+            lits = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1))
+            text = "".join(lits)
+            if "SKIP LOCKED" in text:
+                claim_sql = text
+        t.ok(claim_sql and "$1" in claim_sql,
+             "the claim statement was found in src/queue.c", repr(claim_sql))
+        env.cluster.create_database("claimtest")
+        s1 = env.cluster.connect("claimtest", autocommit=False)
+        s2 = env.cluster.connect("claimtest")
+        try:
+            c1, c2 = s1.cursor(), s2.cursor()
+            c2.execute("SET client_min_messages = error")
+            c2.execute("CREATE EXTENSION trace_ext")
+            c2.execute("INSERT INTO trace.trace_queue (trade_id, adapter, trade_table, due_at) "
+                       "SELECT g, 'webhook', 'pg_class'::regclass, now() - interval '1 min' "
+                       "  FROM generate_series(1, 10) g")
+            s1.commit()
+            for c in (c1, c2):
+                # The worker's own parameter types (int4, float8, text[]).
+                c.execute("PREPARE claim(int, float8, text[]) AS " + claim_sql)
+            s1.commit()
+            c2.execute("SET statement_timeout = '10s'")
+            c1.execute("EXECUTE claim(4, 45, '{}')")            # s1: open transaction
+            a = {r[0] for r in c1.fetchall()}
+            c2.execute("EXECUTE claim(4, 45, '{}')")            # s2, meanwhile
+            b = {r[0] for r in c2.fetchall()}
+            c2.execute("EXECUTE claim(4, 45, '{}')")
+            rest = {r[0] for r in c2.fetchall()}
+            t.ok(len(a) == 4 and len(b) == 4 and not a & b,
+                 "session 2 got 4 other rows without waiting for session 1's open claim",
+                 "s1 %r, s2 %r" % (sorted(a), sorted(b)))
+            t.is_(len(rest), 2, "... then the 2 rows nobody holds, and none of session 1's",
+                  repr(sorted(rest)))
+            t.ok(not rest & a, "(disjoint from session 1's)")
+            s1.commit()
+            c2.execute("EXECUTE claim(10, 45, '{}')")
+            t.is_(c2.fetchall(), [], "once claimed and committed, no row can be claimed again "
+                  "until its lease ends")
+            c2.execute("SELECT count(*), count(DISTINCT lease_owner), "
+                       "bool_and(attempts = 1 AND status = 'sending') FROM trace.trace_queue")
+            t.is_(c2.fetchone(), (10, 2, True),
+                  "10 rows leased once each, by the two sessions")
+        finally:
+            s1.close()
+            s2.close()
+
     with t.case("no snapshot or transaction held while requests hang"):
         env.sql("ALTER TABLE trace.trace_queue SET (autovacuum_enabled = off)")
         # A long poll_interval: a worker then starts a (short) transaction
@@ -322,8 +566,10 @@ try:
         # one held across the hanging requests, not a worker looking at
         # the queue between them.
         env.set_gucs({"trace.http_timeout": "20s", "trace.poll_interval": "1h"})
-        env.sink.set_behaviour("/h-mfx", default="hang:60")
-        env.sink.set_behaviour("/h-wh", default="hang:60")
+        # The sink holds each of the first 20 requests per tracker 10 s,
+        # then closes it unanswered; after that it answers 200.
+        env.sink.set_behaviour("/h-mfx", *["hang:10"] * 20, default=200)
+        env.sink.set_behaviour("/h-wh", *["hang:10"] * 20, default=200)
         env.point("myfxbook", "/h-mfx")
         env.point("webhook", "/h-wh")
         hang_from = time.time()
@@ -396,21 +642,20 @@ try:
              "(%d reclaimed, %d dead but not yet removable)" % (removed, kept))
         still = len([r for r in env.sink.requests() if r.route in ("/h-mfx", "/h-wh")])
         t.ok(status_counts(lo, hi) == {"sending": 40} and still == 40
-             and time.time() - hang_from < 20,
+             and time.time() - hang_from < 10,
              "... and the 40 requests were still hanging all along (%.1f s)"
              % (time.time() - hang_from))
         mon.close()
         env.sql("ALTER TABLE trace.trace_queue RESET (autovacuum_enabled)")
-        # Let them through: the timeouts are retried to a tracker that answers.
-        env.sink.set_behaviour("/ok-mfx", default=200)
-        env.sink.set_behaviour("/ok-wh", default=200)
-        env.point("myfxbook", "/ok-mfx")
-        env.point("webhook", "/ok-wh")
         env.set_gucs({"trace.poll_interval": "100ms"})
         t.ok(wait_all_delivered(lo, hi, 40, 60),
-             "after the timeout, the 40 rows are delivered by a retry",
+             "once the tracker dropped them, the 40 rows are delivered by a retry "
+             "(%d requests in all)" % len([r for r in env.sink.requests()
+                                           if r.route in ("/h-mfx", "/h-wh")]),
              lambda: repr(status_counts(lo, hi)))
 finally:
+    if tracker is not None:
+        tracker.stop()
     env.close()
 
 sys.exit(t.done())
