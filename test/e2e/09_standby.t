@@ -34,6 +34,16 @@ standby = None
 _next_id = [3_000_000]
 
 
+def canary_source():
+    """Where the personal values of new trades come from: TraceEnv's
+    e2e_canary table (its markers, built on the server, so that our
+    statements carry none) when it has one, else plain literals."""
+    if env.sql1("SELECT to_regclass('e2e_canary') IS NOT NULL"):
+        return "(SELECT account, passport, iban FROM e2e_canary LIMIT 1) k"
+    return ("(SELECT 'ACC-E2E-' AS account, 'PASSPORT-CANARY-' AS passport, "
+            "'DE00CANARYIBAN' AS iban) k")
+
+
 def bulk_close(db_sql, n, signal_id=10):
     """Insert n OPEN trades of user 1 (opted in) and close them in one
     UPDATE, on the primary; returns their ids."""
@@ -44,11 +54,11 @@ def bulk_close(db_sql, n, signal_id=10):
         INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
                             instrument, side, volume, entry_price, opened_at,
                             passport, iban)
-        SELECT g, u.user_id, %(s)s, 'ACC-E2E-' || g, u.client_id, 'EURUSD', 'buy', 2.5,
+        SELECT g, u.user_id, %(s)s, k.account || g, u.client_id, 'EURUSD', 'buy', 2.5,
                1.084250, timestamptz '2026-01-05 08:00:00+00' + g * interval '1 second',
-               'PASSPORT-CANARY-' || g, 'DE00CANARYIBAN' || lpad(g::text, 8, '0')
-          FROM generate_series(%(a)s::bigint, %(b)s::bigint) g, users u
-         WHERE u.user_id = 1""", {"s": signal_id, "a": first, "b": last})
+               k.passport || g, k.iban || lpad(g::text, 8, '0')
+          FROM generate_series(%(a)s::bigint, %(b)s::bigint) g, users u, """ + canary_source()
+           + """ WHERE u.user_id = 1""", {"s": signal_id, "a": first, "b": last})
     db_sql("""UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
                      pnl = 10, fees = 1
                WHERE trade_id BETWEEN %s AND %s""", (first, last))
@@ -110,8 +120,11 @@ try:
               "the standby's webhook endpoint is the second sink")
         t.is_(q(sb, "SHOW trace.myfxbook_webhook_url")[0][0], sink2.url("/s-mfx"),
               "... and so is its myfxbook URL")
-        t.is_(q(sb, "SHOW shared_preload_libraries")[0][0], "trace_ext",
-              "the standby preloads trace_ext too")
+        preload = q(sb, "SHOW shared_preload_libraries")[0][0]
+        t.ok(preload == env.sql1("SHOW shared_preload_libraries")
+             and "trace_ext" in [x.strip() for x in preload.split(",")],
+             "the standby preloads trace_ext too, as the primary does (%s)" % preload)
+        env.pii_values()        # remembered for the scan at the end, primary or not
 
     with t.case("while in recovery the standby sends nothing; the primary delivers"):
         first = bulk_close(env.sql, 200)
@@ -187,6 +200,18 @@ try:
                % (len(seen_delivered), len(new), len(repeats)))
         t.ok(all(r.time > stopped_at for v in new.values() for r in v),
              "the new primary sent only after the old one was gone")
+
+    with t.case("the promoted standby leaks nothing either"):
+        pii = [v.encode() for v in env.pii_values()]
+        secrets = [v.encode() for v in env.secret_values()]
+        reqs = sink2.requests()
+        bad = ["request #%d holds a personal value" % r.seq for r in reqs
+               if any(v in r.raw() for v in pii)]
+        t.ok(reqs and not bad, "no personal value in any of the %d requests the standby sent"
+             % len(reqs), "\n".join(bad[:10]))
+        log = standby.log_bytes()
+        t.ok(log and not [v for v in pii + secrets if v in log],
+             "no personal value or secret in the standby's server log")
 finally:
     if t.failed and standby is not None and standby.base:
         t.diag("standby log tail:\n" + standby.log_tail(40))
