@@ -31,7 +31,7 @@ SHLIB_LINK  = -lcurl
 
 # pg_regress: the SQL surface.  Run against a cluster that preloads the
 # library (test/run.sh starts one); see README.md.
-REGRESS      = install gucs hostile_gucs attach trigger operator views privileges upgrade
+REGRESS      = install gucs hostile_gucs attach trigger operator views privileges security upgrade
 REGRESS_OPTS = --inputdir=. --load-extension=plpgsql
 
 # The JIT bitcode is not needed for an extension whose work is I/O, and

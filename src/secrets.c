@@ -7,15 +7,20 @@
  * must be a regular file owned by the server's OS user with no access for
  * group or others; anything looser is refused.  The emit_log_hook
  * installed here rewrites any log line that would show a secret: the
- * "parameter ... changed to ..." lines of a reload, and any line that
- * contains a known secret value.  Nothing here may ever log a value.
+ * "parameter ... changed to ..." lines of a reload, a logged statement
+ * that names a secret parameter (however it is spelt or quoted), and any
+ * line that contains a known secret value; and it hides the STATEMENT:
+ * line of such a statement.  Nothing here may ever log a value, nor any
+ * part of a line of the secrets file.
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "lib/stringinfo.h"
+#include "tcop/tcopprot.h"
 #include "utils/elog.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
@@ -214,7 +219,8 @@ trace_secrets_load(void)
 	if (!trace_secrets_file_safe(path, &why))
 	{
 		ereport(WARNING,
-				(errmsg("trace_ext: refusing secrets file \"%s\": %s", path, why),
+				(errmsg("trace_ext: refusing trace.secrets_file \"%s\": %s; its secrets are not used",
+						path, why),
 				 errhint("chown the file to the server's OS user and chmod it 0600.")));
 		return;
 	}
@@ -224,7 +230,7 @@ trace_secrets_load(void)
 	{
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("trace_ext: could not open secrets file \"%s\": %m", path)));
+				 errmsg("trace_ext: could not open trace.secrets_file \"%s\": %m", path)));
 		return;
 	}
 	while (fgets(line, sizeof(line), f) != NULL)
@@ -242,7 +248,7 @@ trace_secrets_load(void)
 		if (eq == NULL)
 		{
 			ereport(WARNING,
-					(errmsg("trace_ext: secrets file \"%s\", line %d: expected \"name = value\"",
+					(errmsg("trace_ext: trace.secrets_file \"%s\", line %d: expected \"name = value\"",
 							path, lineno)));
 			continue;
 		}
@@ -252,9 +258,14 @@ trace_secrets_load(void)
 		s = find_secret(name);
 		if (s == NULL)
 		{
+			/*
+			 * The name is not shown: a line of the file may be a value (a
+			 * base64 secret has '=' in it).
+			 */
 			ereport(WARNING,
-					(errmsg("trace_ext: secrets file \"%s\", line %d: \"%s\" is not a secret parameter of trace_ext",
-							path, lineno, name)));
+					(errmsg("trace_ext: trace.secrets_file \"%s\", line %d: not the name of a secret parameter of trace_ext",
+							path, lineno),
+					 errhint("The names are myfxbook_webhook_token, webhook_auth_token, webhook_signing_secret, s3_access_key_id and s3_secret_access_key.")));
 			continue;
 		}
 		if (s->from_file)
@@ -264,13 +275,57 @@ trace_secrets_load(void)
 	fclose(f);
 }
 
+/* Case-insensitive strstr (parameter names are case-insensitive in SQL). */
+static const char *
+find_ci(const char *hay, const char *needle)
+{
+	size_t		n = strlen(needle);
+
+	for (; *hay; hay++)
+		if (pg_strncasecmp(hay, needle, n) == 0)
+			return hay;
+	return NULL;
+}
+
 /*
- * Replace every quoted segment ("..." or '...') except the parameter's own
- * name by ********: used on lines that name a secret parameter, such as
- * PostgreSQL's "parameter "x" changed to "y"" or a logged ALTER SYSTEM.
+ * Does a text name a secret parameter?  The bare name is enough: SQL may
+ * spell it TRACE.Webhook_Auth_Token, "trace"."webhook_auth_token" or
+ * trace . webhook_auth_token.
+ */
+static bool
+names_secret(const char *text)
+{
+	if (text == NULL)
+		return false;
+	for (int i = 0; i < NUM_SECRETS; i++)
+		if (find_ci(text, secrets[i].name) != NULL)
+			return true;
+	return false;
+}
+
+/* Is a quoted segment just the name of a secret parameter? */
+static bool
+is_secret_name(const char *p, size_t len)
+{
+	for (int i = 0; i < NUM_SECRETS; i++)
+	{
+		size_t		n = strlen(secrets[i].name);
+
+		if ((len == n && pg_strncasecmp(p, secrets[i].name, n) == 0) ||
+			(len == n + 6 && pg_strncasecmp(p, "trace.", 6) == 0 &&
+			 pg_strncasecmp(p + 6, secrets[i].name, n) == 0))
+			return true;
+	}
+	return false;
+}
+
+/*
+ * Replace every quoted segment ("...", '...' or $tag$...$tag$) except a
+ * secret parameter's own name by ********: used on lines that name a
+ * secret parameter, such as PostgreSQL's "parameter "x" changed to "y"".
  */
 static char *
-redact_quoted(const char *msg, const char *param)
+redact_quoted(const char *msg)
 {
 	StringInfoData out;
 	const char *p = msg;
@@ -278,26 +333,82 @@ redact_quoted(const char *msg, const char *param)
 	initStringInfo(&out);
 	while (*p)
 	{
-		const char *close;
+		const char *open_end = p + 1;	/* first byte after the opening quote */
+		size_t		qlen = 1;
+		const char *close = NULL;
 
-		if ((*p != '"' && *p != '\'') || (close = strchr(p + 1, *p)) == NULL)
+		if (*p == '"' || *p == '\'')
+			close = strchr(p + 1, *p);
+		else if (*p == '$')
+		{
+			const char *q = p + 1;
+
+			while (*q && (isalnum((unsigned char) *q) || *q == '_'))
+				q++;
+			if (*q == '$')
+			{
+				char	   *tag = pnstrdup(p, q - p + 1);
+
+				qlen = q - p + 1;
+				open_end = q + 1;
+				close = strstr(open_end, tag);
+				pfree(tag);
+			}
+		}
+		if (close == NULL)
 		{
 			appendStringInfoChar(&out, *p++);
 			continue;
 		}
-		if (close == p + 1 ||	/* an empty value says nothing */
-			((size_t) (close - p - 1) == strlen(param) &&
-			 strncmp(p + 1, param, close - p - 1) == 0))
-			appendBinaryStringInfo(&out, p, close - p + 1);
+		if (close == open_end ||	/* an empty value says nothing */
+			is_secret_name(open_end, close - open_end))
+			appendBinaryStringInfo(&out, p, close + qlen - p);
 		else
 		{
-			appendStringInfoChar(&out, *p);
+			appendBinaryStringInfo(&out, p, qlen);
 			appendStringInfoString(&out, REDACTED);
-			appendStringInfoChar(&out, *p);
+			appendBinaryStringInfo(&out, p, qlen);
 		}
-		p = close + 1;
+		p = close + qlen;
 	}
 	return out.data;
+}
+
+/*
+ * A logged statement ("statement: ...", "execute <name>: ...", with or
+ * without "duration: ... ms  ") that names a secret parameter: keep the
+ * prefix, drop the statement, whose value may be unquoted or spelt any
+ * way.  NULL if the message is not a logged statement.
+ */
+static char *
+redact_statement(const char *msg)
+{
+	static const char *const kinds[] = {"statement: ", "execute ", "parse ", "bind "};
+	const char *p = msg;
+
+	if (strncmp(p, "duration: ", 10) == 0)
+	{
+		const char *q = strstr(p, " ms  ");
+
+		if (q == NULL)
+			return NULL;
+		p = q + 5;
+	}
+	for (int k = 0; k < lengthof(kinds); k++)
+	{
+		if (strncmp(p, kinds[k], strlen(kinds[k])) == 0)
+		{
+			const char *body = (k == 0) ? p + strlen(kinds[k]) : strstr(p, ": ");
+
+			if (body == NULL)
+				return NULL;
+			if (k != 0)
+				body += 2;
+			return psprintf("%.*s<a statement naming a secret parameter of trace_ext, not logged>",
+							(int) (body - msg), msg);
+		}
+	}
+	return NULL;
 }
 
 /* Replace every occurrence of a known secret value. */
@@ -333,20 +444,51 @@ redact_values(char *text)
 	return text;
 }
 
+/* Does a text contain the current value of a secret? */
+static bool
+holds_value(const char *text)
+{
+	if (text == NULL)
+		return false;
+	for (int i = 0; i < NUM_SECRETS; i++)
+	{
+		const char *values[2] = {secrets[i].value, secrets[i].from_file};
+
+		for (int v = 0; v < 2; v++)
+			if (values[v] != NULL && strlen(values[v]) >= 4 && strstr(text, values[v]) != NULL)
+				return true;
+	}
+	return false;
+}
+
 static void
 redact_log(ErrorData *edata)
 {
-	if (edata->message)
+	if (names_secret(edata->message))
 	{
-		for (int i = 0; i < NUM_SECRETS; i++)
-		{
-			char		param[64];
+		char	   *stmt = redact_statement(edata->message);
 
-			snprintf(param, sizeof(param), "trace.%s", secrets[i].name);
-			if (strstr(edata->message, param) != NULL)
-				edata->message = redact_quoted(edata->message, param);
-		}
+		edata->message = stmt ? stmt : redact_quoted(edata->message);
+		/* "parameters: $1 = '...'" of a logged bind/execute */
+		if (edata->detail_log)
+			edata->detail_log = redact_quoted(edata->detail_log);
+		if (edata->detail)
+			edata->detail = redact_quoted(edata->detail);
 	}
+	if (names_secret(edata->context))
+		edata->context = redact_quoted(edata->context);
+	if (names_secret(edata->internalquery))
+		edata->internalquery = redact_quoted(edata->internalquery);
+
+	/*
+	 * The STATEMENT: line is printed from the query string itself, which no
+	 * hook can edit: leave it out for a statement that names a secret
+	 * parameter or holds a secret's value.
+	 */
+	if (debug_query_string != NULL &&
+		(names_secret(debug_query_string) || holds_value(debug_query_string)))
+		edata->hide_stmt = true;
+
 	edata->message = redact_values(edata->message);
 	edata->detail = redact_values(edata->detail);
 	edata->detail_log = redact_values(edata->detail_log);

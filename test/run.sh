@@ -18,6 +18,8 @@
 #   --no-install  do not call apt-get (the packages are already there)
 #   --no-build    do not run make clean/make/make install
 #   --only LAYER  run only this layer (regress, pgtap, e2e); repeatable
+# Environment: TRACE_E2E_CANARY=0 runs the e2e layer without its canary
+# scan for personal data and secrets (on by default; see test/e2e/README.md).
 #
 set -uo pipefail
 
@@ -198,6 +200,14 @@ if want e2e; then
         # Verbose TAP goes to a log; shown here: every failed test with its
         # diagnostics, a count per file, and prove's own summary.
         e2e_log="$status_dir/e2e.log"
+        # Canary mode (test/lib/trace_e2e.py): every cluster runs with
+        # log_statement = all, debug1 and pg_stat_statements, and each file
+        # ends with a scan for the personal-data markers and the secrets in
+        # the captured requests, the whole server log, pg_stat_statements,
+        # pg_stat_activity and what the clients saw.  TRACE_E2E_CANARY=0
+        # turns it off.
+        export TRACE_E2E_CANARY="${TRACE_E2E_CANARY:-1}"
+        echo "(TRACE_E2E_CANARY=$TRACE_E2E_CANARY)"
         if prove -v --exec /usr/bin/python3 "$repo"/test/e2e/ >"$e2e_log" 2>&1; then
             result[e2e]=pass
         else

@@ -10,6 +10,14 @@ the unix socket with trust authentication.
 
 It never touches the machine's own clusters, never binds anything but
 127.0.0.1, and leaves nothing behind.
+
+Every message a client of the cluster saw (errors raised by statements run
+through a cursor of connect(), notices and warnings, psql's output) is kept
+in Cluster.seen, so that a test can scan what reached the client for data
+that must never leave the server (see trace_e2e's canary scan); and every
+statement text the clients sent is kept in Cluster.sent, so that a scan
+of the server log can tell the test's own statements (logged verbatim with
+log_statement = all) from what the server wrote by itself.
 """
 
 import atexit
@@ -51,11 +59,67 @@ def conf_value(v):
     return "'" + str(v).replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+_PSQL_MESSAGE = re.compile(r"^(psql:\S*:\d+: )?(ERROR|WARNING|NOTICE|INFO|LOG|DETAIL|HINT|"
+                           r"CONTEXT|FATAL|PANIC|DEBUG\d?|STATEMENT|LINE \d+):")
+_STATEMENT_ENTRY = re.compile(
+    r"^\S+ \S+ \S+ \[\d+\] [\w ]+ (LOG:  (?:duration: [\d.]+ ms  )?(?:statement|"
+    r"execute [^:]*|parse [^:]*|bind [^:]*): |STATEMENT:  )(.*)$", re.S)
 _GUC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
 class ClusterError(RuntimeError):
     pass
+
+
+def describe_error(e):
+    """Everything the server told the client about an error: message,
+    detail, hint, context, the statement position."""
+    parts = [str(e)]
+    diag = getattr(e, "diag", None)
+    if diag is not None:
+        for f in ("message_primary", "message_detail", "message_hint", "context",
+                  "internal_query", "schema_name", "table_name", "column_name",
+                  "constraint_name"):
+            v = getattr(diag, f, None)
+            if v:
+                parts.append("%s: %s" % (f, v))
+    return "\n".join(parts)
+
+
+class _SeenList(list):
+    """conn.notices: still a list (tests slice it), and every notice is
+    also appended to the cluster's record of what clients saw."""
+
+    def __init__(self, sink):
+        super().__init__()
+        self._sink = sink
+
+    def append(self, msg):
+        self._sink.append(("notice", msg))
+        super().append(msg)
+
+
+def _recording_cursor(sink, sent):
+    class RecordingCursor(psycopg2.extensions.cursor):
+        def execute(self, query, vars=None):
+            try:
+                text = self.mogrify(query, vars)
+                sent.append(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+            except Exception:
+                pass
+            try:
+                return super().execute(query, vars)
+            except psycopg2.Error as e:
+                sink.append(("error", describe_error(e)))
+                raise
+
+        def callproc(self, procname, parameters=None):
+            try:
+                return super().callproc(procname, parameters)
+            except psycopg2.Error as e:
+                sink.append(("error", describe_error(e)))
+                raise
+    return RecordingCursor
 
 
 def _exit_on_signal(signum, frame):
@@ -101,6 +165,9 @@ class Cluster:
         self.sockdir = self.base
         self.log_path = os.path.join(self.base, "server.log")
         self.running = False
+        self.seen = []          # (kind, text) of every message a client saw
+        self.sent = []          # every statement text a client sent
+        self._cursor_class = _recording_cursor(self.seen, self.sent)
         self._as_root = os.geteuid() == 0
         if self._as_root:
             pw = pwd.getpwnam(OS_USER)
@@ -254,13 +321,15 @@ class Cluster:
         while True:
             try:
                 conn = psycopg2.connect(self.dsn(dbname, user),
-                                        application_name="trace_e2e")
+                                        application_name="trace_e2e",
+                                        cursor_factory=self._cursor_class)
                 break
             except psycopg2.OperationalError:
                 if time.time() >= deadline:
                     raise
                 time.sleep(0.1)
         conn.autocommit = autocommit
+        conn.notices = _SeenList(self.seen)
         return conn
 
     def psql(self, sql=None, file=None, dbname="postgres", check=True):
@@ -270,11 +339,21 @@ class Cluster:
                "-d", dbname]
         if file:
             cmd += ["-f", file]
+            try:
+                with open(file, encoding="utf-8", errors="replace") as f:
+                    self.sent.append(f.read())
+            except OSError:
+                pass
         if sql:
             cmd += ["-c", sql]
+            self.sent.append(sql)
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=120)
         out = p.stdout.decode("utf-8", "replace")
+        # The server's messages (not query results, which the caller asked for).
+        msgs = [ln for ln in out.splitlines() if _PSQL_MESSAGE.match(ln)]
+        if msgs:
+            self.seen.append(("psql", "\n".join(msgs)))
         if check and p.returncode != 0:
             raise ClusterError("psql failed (%d):\n%s" % (p.returncode, out))
         return p.returncode, out
@@ -310,6 +389,30 @@ class Cluster:
 
     def log_tail(self, n=30):
         return "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_entries(self, since=0):
+        """The log as entries: a line with the log_line_prefix and the
+        tab-indented lines that continue it, joined by newlines without
+        the tabs (so a logged statement reads as it was sent)."""
+        out = []
+        for line in self.log_text(since).splitlines():
+            if line.startswith("\t") and out:
+                out[-1] += "\n" + line[1:]
+            else:
+                out.append(line)
+        return out
+
+    def own_statement(self, entry):
+        """If a log entry is a statement a client of this Cluster sent,
+        logged verbatim (log_statement, a STATEMENT: line after an error,
+        log_min_duration_statement), return its text; else None."""
+        m = _STATEMENT_ENTRY.search(entry)
+        if not m:
+            return None
+        text = m.group(2).strip()
+        if text and any(text in sent for sent in self.sent):
+            return text
+        return None
 
     def _count_log(self, needle):
         return self.log_text().count(needle)

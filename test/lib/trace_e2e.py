@@ -13,6 +13,21 @@ and secrets.
 
 The demo script reuses this module; nothing here asserts by itself except
 the check_* functions, which report through the Tap they are given.
+
+Canaries.  Every personal column of the trade store (users.email, name,
+client_id; trades.account_number, client_id, and the extra passport and
+iban columns) carries a unique marker of this TraceEnv, and every secret is
+a unique random token.  With TRACE_E2E_CANARY=1 (test/run.sh sets it) the
+cluster runs with log_statement = all, log_min_messages = debug1 and
+pg_stat_statements (track = all), and close() reports one check per place
+the markers and secrets must never reach: the captured requests (outside
+a token's own auth header), the whole server log, pg_stat_statements,
+pg_stat_activity sampled at close, and the messages clients saw.  For that
+to measure the extension rather than the test, the test's own statements
+carry neither: personal values are built on the server from a table
+written while statement logging was off, and secrets are set the way
+README recommends, in a configuration file (set_gucs), never with
+ALTER SYSTEM (whose statement text the log and pg_stat_statements keep).
 """
 
 import base64
@@ -52,6 +67,15 @@ PII_SQL = """
 """
 PII_KEYS = {"user_id", "account_number", "client_id", "email", "name",
             "passport", "iban"}
+# Every personal text column of the trade store, each given its own canary.
+PII_COLUMNS = ("users.email", "users.name", "users.client_id",
+               "trades.account_number", "trades.client_id",
+               "trades.passport", "trades.iban")
+
+
+def canary_mode():
+    """TRACE_E2E_CANARY=1: log everything and scan it at close()."""
+    return os.environ.get("TRACE_E2E_CANARY", "") not in ("", "0")
 
 
 def fixture_path():
@@ -106,10 +130,18 @@ class TraceEnv:
                 on_failure()
             sys.exit(tap.done())
 
-    def __init__(self, tap, gucs=None, debug=None, name="trace_e2e", server_env=None):
+    def __init__(self, tap, gucs=None, debug=None, name="trace_e2e", server_env=None,
+                 canary=None):
+        if canary is None:      # TRACE_E2E_CANARY=1: log everything, scan it at close
+            canary = canary_mode()
         if debug is None:       # TRACE_E2E_DEBUG=1: log_min_messages = debug1
-            debug = os.environ.get("TRACE_E2E_DEBUG", "") not in ("", "0")
+            debug = canary or os.environ.get("TRACE_E2E_DEBUG", "") not in ("", "0")
         self.tap = tap
+        self.canary = canary
+        tag = pysecrets.token_hex(5).upper()
+        # One unique marker per personal column (see PII_COLUMNS).
+        self.canaries = {col: "CNRY%s%s" % (col.split(".")[1].replace("_", "").upper()[:6], tag)
+                         for col in PII_COLUMNS}
         self.sink = CaptureServer().start()
         self.paths = {"myfxbook": "/myfxbook", "webhook": "/webhook"}
         self.tokens = {
@@ -133,6 +165,14 @@ class TraceEnv:
             "trace.webhook_auth_header": self.auth_header,
             "trace.webhook_auth_token": self.tokens["webhook"],
         }
+        if canary:
+            base.update({
+                "shared_preload_libraries": "trace_ext,pg_stat_statements",
+                "pg_stat_statements.track": "all",
+                "log_statement": "all",
+                "log_min_messages": "debug1",
+                "track_activity_query_size": 8192,
+            })
         base.update(gucs or {})
         self.extra_secrets = []            # add_secret(): more values to keep out of logs
         self.cluster = Cluster(settings=base, debug=debug, name=name,
@@ -151,18 +191,37 @@ class TraceEnv:
         c.init()
         # Create the trade database before the worker exists, so that the
         # worker never sees trace.database missing.
-        c.start(overrides={"shared_preload_libraries": "''"})
+        # The personal data is written while statements are not logged: the
+        # application's own statements are not what the canaries measure.
+        c.start(overrides={"shared_preload_libraries": "''", "log_statement": "none"})
         c.create_database(DB)
         c.psql(file=fixture_path(), dbname=DB)
+        k = self.canaries
         c.psql(dbname=DB, sql="""
             ALTER TABLE trades ADD COLUMN passport text, ADD COLUMN iban text;
-            UPDATE trades
-               SET passport = 'PASSPORT-CANARY-' || trade_id,
-                   iban = 'DE00CANARYIBAN' || lpad(trade_id::text, 8, '0');
-        """)
+            -- What new_trade() builds personal values from, so that its
+            -- statements carry none.
+            CREATE TABLE e2e_canary (account text, passport text, iban text);
+            INSERT INTO e2e_canary VALUES ('ACC-E2E-{a}-', 'PASSPORT-CANARY-{p}-',
+                                           'DE00CANARY{i}IBAN');
+            UPDATE users
+               SET email = replace(email, '@', '+{e}@'),
+                   name = name || ' {n}',
+                   client_id = client_id || '-{uc}';
+            UPDATE trades t
+               SET passport = 'PASSPORT-CANARY-{p}-' || t.trade_id,
+                   iban = 'DE00CANARY{i}IBAN' || lpad(t.trade_id::text, 8, '0'),
+                   account_number = t.account_number || '-{a}',
+                   client_id = u.client_id || '-{tc}'
+              FROM users u WHERE u.user_id = t.user_id;
+        """.format(a=k["trades.account_number"], p=k["trades.passport"],
+                   i=k["trades.iban"], e=k["users.email"], n=k["users.name"],
+                   uc=k["users.client_id"], tc=k["trades.client_id"]))
         c.stop()
         c.start()
         self.db = c.connect(DB)
+        if self.canary:
+            self.sql("CREATE EXTENSION pg_stat_statements")
         self.sql("CREATE EXTENSION trace_ext")
         pid = wait_until(self.worker_pid, 20)
         if not pid:
@@ -212,11 +271,20 @@ class TraceEnv:
         """ALTER SYSTEM SET + pg_reload_conf(), then wait until our own
         session sees the reload (a sentinel setting changes with it), so
         that the trigger in this session and the worker, signalled at the
-        same moment, both run with the new values."""
+        same moment, both run with the new values.  Secret settings are
+        written to postgresql.conf instead (and any ALTER SYSTEM value of
+        theirs reset), as README recommends: an ALTER SYSTEM statement
+        carrying a secret is kept by the statement log and by
+        pg_stat_statements."""
         self._sentinel += 1
         settings = dict(settings)
-        settings["log_autovacuum_min_duration"] = self._sentinel
-        self.cluster.alter_system(settings, dbname=DB, settle=0.1)
+        secret = {k: ("" if v is None else v) for k, v in settings.items()
+                  if k in SECRET_GUCS}
+        if secret:
+            self.cluster.set_conf(secret, reload=False)
+        system = {k: (None if k in secret else v) for k, v in settings.items()}
+        system["log_autovacuum_min_duration"] = self._sentinel
+        self.cluster.alter_system(system, dbname=DB, settle=0.1)
         want = str(self._sentinel)
         ok = wait_until(lambda: self.sql1(
             "SELECT setting FROM pg_settings WHERE name = 'log_autovacuum_min_duration'")
@@ -244,15 +312,17 @@ class TraceEnv:
         """Insert an OPEN trade for a user and a signal; returns its id."""
         self._next_trade += 1
         tid = self._next_trade
+        # The personal values are built on the server (e2e_canary): the
+        # statement itself carries none.
         self.sql("""
             INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
                                 instrument, side, volume, entry_price, opened_at,
                                 passport, iban)
-            SELECT %(t)s, %(u)s, %(s)s, 'ACC-E2E-' || %(t)s, u.client_id,
+            SELECT %(t)s, %(u)s, %(s)s, k.account || %(t)s, u.client_id,
                    %(i)s, 'buy', 2.5, 1.084250,
                    timestamptz '2026-01-05 08:00:00+00' + %(t)s * interval '1 second',
-                   'PASSPORT-CANARY-' || %(t)s, 'DE00CANARYIBAN' || lpad(%(t)s::text, 8, '0')
-              FROM users u WHERE u.user_id = %(u)s""",
+                   k.passport || %(t)s, k.iban || lpad(%(t)s::text, 8, '0')
+              FROM users u, e2e_canary k WHERE u.user_id = %(u)s""",
                  {"t": tid, "u": user_id, "s": signal_id, "i": instrument})
         return tid
 
@@ -414,9 +484,12 @@ class TraceEnv:
         try:
             vals = {r[0] for r in self.sql(PII_SQL) if r[0]}
             vals.add("CANARY")
+            vals.update(self.canaries.values())
             self._pii_cache = sorted(vals)
         except Exception:
             if not getattr(self, "_pii_cache", None):
+                if self.canary:     # the server is gone: the markers still tell
+                    return sorted(set(self.canaries.values()) | {"CANARY"})
                 raise
         return self._pii_cache
 
@@ -426,6 +499,15 @@ class TraceEnv:
         t = self.tap
         reqs = self.sink.requests()
         t.ok(len(reqs) > 0, "%s: the sink received requests to scan" % label)
+        bad = self._request_pii_problems(reqs)
+        t.ok(not bad, "%s: no personal value or key in any of %d requests (headers, body)"
+             % (label, len(reqs)), "\n".join(bad[:20]))
+        bad = self._request_secret_problems(reqs)
+        t.ok(not bad, "%s: tokens only in their own auth header, signing secret in no request"
+             % label, "\n".join(bad[:20]))
+        self.check_log_clean(label)
+
+    def _request_pii_problems(self, reqs):
         pii = [v.encode() for v in self.pii_values()]
         bad = []
         for r in reqs:
@@ -447,10 +529,12 @@ class TraceEnv:
             walk(body)
             if keys & PII_KEYS:
                 bad.append("request #%d has key(s) %r" % (r.seq, sorted(keys & PII_KEYS)))
-        t.ok(not bad, "%s: no personal value or key in any of %d requests (headers, body)"
-             % (label, len(reqs)), "\n".join(bad[:20]))
+        return bad
 
-        # Tokens only where they belong; signing secrets nowhere.
+    def _request_secret_problems(self, reqs):
+        """Tokens only where they belong (their adapter's auth header; an S3
+        access key id only as the Credential of an AWS4 Authorization);
+        signing secrets and secret keys nowhere."""
         bad = []
         mfx_tokens = {v for k, v in self.tokens.items() if k.startswith("myfxbook")}
         wh_tokens = {v for k, v in self.tokens.items() if k.startswith("webhook")}
@@ -467,22 +551,44 @@ class TraceEnv:
                         (sv in mfx_tokens and adapter == "myfxbook"
                          and name.lower() == "authorization" and value == "Bearer " + sv)
                         or (sv in wh_tokens and adapter == "webhook"
-                            and name.lower() == self.auth_header.lower() and value == sv))
+                            and name.lower() == self.auth_header.lower() and value == sv)
+                        or (sv in self.extra_secrets and adapter == "file"
+                            and name.lower() == "authorization"
+                            and value.startswith("AWS4-HMAC-SHA256 Credential=" + sv + "/")
+                            and value.count(sv) == 1))
                     if not allowed:
                         bad.append("request #%d (%s): a secret in header %s"
                                    % (r.seq, adapter, name))
-        t.ok(not bad, "%s: tokens only in their own auth header, signing secret in no request"
-             % label, "\n".join(bad[:20]))
-        self.check_log_clean(label)
+        return bad
 
     def check_log_clean(self, label="server log"):
+        """No secret anywhere in the server log; no personal value in any
+        log entry but the test's own statements (which log_statement = all
+        logs as they were sent: the application's statements, not the
+        extension's doing)."""
         log = self.cluster.log_bytes()
         leaks = [s for s in self.secret_values() if s.encode() in log]
         self.tap.ok(not leaks, "%s: no token or secret value in the server log" % label,
                     lambda: "\n".join(self._log_lines_with(leaks)))
-        pii = [v for v in self.pii_values() if v.encode() in log]
-        self.tap.ok(not pii, "%s: no personal value in the server log" % label,
-                    lambda: "\n".join(self._log_lines_with(pii)))
+        bad, own = self._pii_log_entries()
+        self.tap.ok(not bad, "%s: no personal value in the server log%s"
+                    % (label, " (the tests' own %d logged statements aside)" % own if own else ""),
+                    lambda: "\n".join(bad[:20]))
+
+    def _pii_log_entries(self):
+        """(log entries holding a personal value, number of the tests' own
+        logged statements that hold one and are not counted)."""
+        needles = [("personal value", v) for v in self.pii_values()]
+        bad, own = [], 0
+        for entry in self.cluster.log_entries():
+            hits = self._hits(needles, entry, "server log")
+            if not hits:
+                continue
+            if self.cluster.own_statement(entry) is not None:
+                own += 1
+                continue
+            bad += hits
+        return bad, own
 
     def _log_lines_with(self, needles):
         out = []
@@ -492,11 +598,135 @@ class TraceEnv:
                     out.append(line.replace(n, "<<%d chars>>" % len(n)))
         return out[:20]
 
+    # -- canaries ---------------------------------------------------------
+    def _needles(self):
+        """(what, value) of every marker and secret to look for."""
+        out = [("personal value", v) for v in self.pii_values()]
+        out += [("secret", v) for v in self.secret_values()]
+        return out
+
+    @staticmethod
+    def _hits(needles, text, where):
+        bad = []
+        for what, v in needles:
+            if v and v in text:
+                i = text.index(v)
+                ctx = text[max(0, i - 80):i + len(v) + 80].replace(v, "<<%s>>" % what)
+                bad.append("%s: a %s: ...%s..." % (where, what, ctx.replace("\n", " ")))
+        return bad
+
+    def _unless_own(self, needles, text):
+        """The needles to look for in a text: all of them, or, when the text
+        is (or is logged as) a statement a test sent itself, the secrets
+        only: personal values in the application's own statements are
+        theirs (set-up, hostile rows), the secrets never are (the helpers
+        set them in a file)."""
+        stmt = self.cluster.own_statement(text)
+        if stmt is None and text.strip() and any(text.strip() in s for s in self.cluster.sent):
+            stmt = text
+        if stmt is None:
+            return needles
+        return [(what, v) for what, v in needles if what != "personal value"]
+
+    def _server_for_canaries(self):
+        """A connection to the server for reading pg_stat_statements and
+        pg_stat_activity, starting it again if a test stopped it (the
+        statistics are kept across a clean shutdown); None if it cannot."""
+        try:
+            conn = self.cluster.connect(DB, retry_for=2)
+        except Exception:
+            try:
+                self.cluster.start(timeout=30)
+                conn = self.cluster.connect(DB, retry_for=10)
+            except Exception as e:
+                self.tap.diag("canary: the server could not be reached: %s" % e)
+                return None
+        return conn
+
+    def check_canaries(self, label="canary"):
+        """One check per place the personal-value markers and the secrets
+        must never reach (see the module's docstring)."""
+        t = self.tap
+        conn = self._server_for_canaries()
+        if conn is not None:
+            try:
+                self.sql1("SELECT 1")
+            except Exception:
+                try:
+                    self.reconnect(retry_for=5)
+                except Exception:
+                    pass
+        needles = self._needles()
+        self.tap.diag("canary: %d personal markers/values, %d secrets"
+                      % (len(self.pii_values()), len(self.secret_values())))
+
+        reqs = self.sink.requests()
+        bad = self._request_pii_problems(reqs) + self._request_secret_problems(reqs)
+        t.ok(not bad, "%s: no personal value in any of %d captured requests (headers, body), "
+             "each secret only in its own auth header" % (label, len(reqs)),
+             lambda: "\n".join(bad[:20]))
+
+        if conn is None:
+            t.skip("%s: pg_stat_statements query texts hold no personal value or secret" % label,
+                   "the server could not be started again")
+            t.skip("%s: pg_stat_activity query texts hold no personal value or secret" % label,
+                   "the server could not be started again")
+        else:
+            try:
+                cur = conn.cursor()
+                cur.execute("SELECT query FROM pg_stat_statements")
+                rows = [r[0] or "" for r in cur.fetchall()]
+                bad = []
+                for q in rows:
+                    bad += self._hits(self._unless_own(needles, q), q, "pg_stat_statements")
+                t.ok(rows and not bad,
+                     "%s: none of the %d pg_stat_statements query texts holds a personal "
+                     "value or a secret" % (label, len(rows)),
+                     lambda: "\n".join(bad[:20]) if rows else "pg_stat_statements is empty")
+                cur.execute("SELECT backend_type, coalesce(query, '') FROM pg_stat_activity")
+                rows = cur.fetchall()
+                bad = []
+                for bt, q in rows:
+                    bad += self._hits(self._unless_own(needles, q), q,
+                                      "pg_stat_activity (%s)" % bt)
+                t.ok(not bad, "%s: none of the %d pg_stat_activity query texts (sampled at "
+                     "close) holds a personal value or a secret" % (label, len(rows)),
+                     lambda: "\n".join(bad[:20]))
+            finally:
+                conn.close()
+
+        entries = self.cluster.log_entries()
+        bad, own = [], 0
+        for entry in entries:
+            hits = self._hits(needles, entry, "server log")
+            if hits and self.cluster.own_statement(entry) is not None:
+                kept = self._hits(self._unless_own(needles, entry), entry, "server log")
+                own += len(kept) < len(hits)
+                hits = kept
+            bad += hits
+        t.ok(entries and not bad, "%s: the whole server log (%d entries, log_statement = all, "
+             "debug1) holds no secret, and no personal value but in the %d statements the "
+             "tests sent themselves" % (label, len(entries), own),
+             lambda: "\n".join(bad[:20]))
+
+        bad = []
+        for kind, msg in list(self.cluster.seen):
+            bad += self._hits(needles, str(msg), "a client's %s" % kind)
+        t.ok(not bad, "%s: none of the %d errors, notices and warnings clients saw holds "
+             "a personal value or a secret" % (label, len(self.cluster.seen)),
+             lambda: "\n".join(bad[:20]))
+
     # -- tear-down --------------------------------------------------------
     def close(self):
         """Stop everything and remove the cluster; on failure, show the
-        log tail (and keep artifacts if TRACE_E2E_ARTIFACTS names a dir)."""
+        log tail (and keep artifacts if TRACE_E2E_ARTIFACTS names a dir).
+        In canary mode, first report the canary scan."""
         t = self.tap
+        if self.canary and self.cluster.base:
+            try:
+                self.check_canaries()
+            except Exception:
+                t.fail("canary: the scan ran", traceback.format_exc())
         art = os.environ.get("TRACE_E2E_ARTIFACTS")
         if art:
             try:

@@ -1,12 +1,14 @@
 -- Who may do what, and what cannot steer the trigger: the application role
 -- needs no grant in schema trace, and objects planted in its search_path or
--- in pg_temp are never used when it closes a trade.
+-- in pg_temp are never used when it closes a trade, nor when an operator
+-- calls the operator functions, nor when a pg_monitor member reads the
+-- monitoring views and the Prometheus text.
 --
 -- Needs trace.enabled_adapters = 'myfxbook,webhook' (test/run.sh).  Roles
 -- and schemas are created inside the transaction and rolled back with it.
 
 BEGIN;
-SELECT plan(17);
+SELECT plan(22);
 
 SELECT is(current_setting('trace.enabled_adapters'), 'myfxbook,webhook',
           'precondition: myfxbook and webhook are enabled, file is not');
@@ -80,6 +82,38 @@ CREATE FUNCTION trojan.array_position(a text[], b text) RETURNS integer LANGUAGE
 BEGIN INSERT INTO trojan.calls VALUES ('array_position()'); RETURN pg_catalog.array_position(a, b); END $$;
 CREATE FUNCTION trojan.current_setting(a text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO trojan.calls VALUES ('current_setting()'); RETURN pg_catalog.current_setting(a); END $$;
+-- What the operator functions, attach and the monitoring SQL would use
+-- if they resolved names through the caller's search_path.
+CREATE FUNCTION trojan.count_sf(n bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('count(*)'); RETURN n OPERATOR(pg_catalog.+) 1; END $$;
+CREATE AGGREGATE trojan.count(*) (SFUNC = trojan.count_sf, STYPE = bigint, INITCOND = '0');
+CREATE FUNCTION trojan.min_sf(a timestamptz, b timestamptz) RETURNS timestamptz LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO trojan.calls VALUES ('min(timestamptz)');
+    IF a IS NULL OR (b IS NOT NULL AND b OPERATOR(pg_catalog.<) a) THEN RETURN b; END IF;
+    RETURN a;
+END $$;
+CREATE AGGREGATE trojan.min(timestamptz) (SFUNC = trojan.min_sf, STYPE = timestamptz);
+CREATE FUNCTION trojan.lt(a timestamptz, b timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('<(timestamptz,timestamptz)'); RETURN a OPERATOR(pg_catalog.<) b; END $$;
+CREATE OPERATOR trojan.< (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = trojan.lt);
+CREATE FUNCTION trojan.gt(a timestamptz, b timestamptz) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('>(timestamptz,timestamptz)'); RETURN a OPERATOR(pg_catalog.>) b; END $$;
+CREATE OPERATOR trojan.> (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = trojan.gt);
+CREATE FUNCTION trojan.minus(a timestamptz, b interval) RETURNS timestamptz LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('-(timestamptz,interval)'); RETURN a OPERATOR(pg_catalog.-) b; END $$;
+CREATE OPERATOR trojan.- (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = trojan.minus);
+CREATE FUNCTION trojan.cat(a text, b text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('||(text,text)'); RETURN a OPERATOR(pg_catalog.||) b; END $$;
+CREATE OPERATOR trojan.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = trojan.cat);
+CREATE FUNCTION trojan.format(a text, b regclass) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('format(text,regclass)'); RETURN pg_catalog.format(a, b); END $$;
+CREATE FUNCTION trojan.quote_ident(a text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('quote_ident()'); RETURN pg_catalog.quote_ident(a); END $$;
+CREATE FUNCTION trojan.to_regclass(a text) RETURNS regclass LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('to_regclass()'); RETURN pg_catalog.to_regclass(a); END $$;
+CREATE FUNCTION trojan.pg_notify(a text, b text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO trojan.calls VALUES ('pg_notify()'); PERFORM pg_catalog.pg_notify(a, b); END $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA trojan TO PUBLIC;
 
 -- pg_temp: tables named like the trade store's that say everybody opted
@@ -123,6 +157,45 @@ SELECT is_empty($$SELECT 1 FROM pg_temp.trace_queue$$,
                 'a trace_queue planted in pg_temp receives nothing');
 SELECT ok((SELECT bool_and(created_at = pg_catalog.now()) FROM trace.trace_queue WHERE trade_id = 3),
           'a now() planted in pg_temp is not used for the queue times');
+
+-- An operator (here the superuser) with the trojans ahead in its
+-- search_path: the operator functions, attach and detach call none.
+DELETE FROM trojan.calls;
+UPDATE trace.trace_queue SET status = 'abandoned' WHERE trade_id = 3 AND adapter = 'webhook';
+SET LOCAL search_path = trojan, pg_catalog, public;
+DO $$ BEGIN PERFORM trace.enqueue(6); PERFORM trace.enqueue(7, ARRAY['webhook']); END $$;
+DO $$ BEGIN PERFORM trace.retry(-1); PERFORM trace.retry_abandoned(); PERFORM trace.cleanup(); END $$;
+SET LOCAL search_path = public, pg_catalog;
+SELECT is_empty($$SELECT what FROM trojan.calls$$,
+                'enqueue, retry, retry_abandoned and cleanup call no operator, function or aggregate planted ahead in search_path');
+SELECT is((SELECT status FROM trace.trace_queue WHERE trade_id = 3 AND adapter = 'webhook'),
+          'pending', '(retry_abandoned did re-arm the abandoned row)');
+
+SET LOCAL search_path = trojan, pg_catalog, public;
+DO $$ BEGIN PERFORM trace.detach(); PERFORM trace.attach(); PERFORM trace.attach(); END $$;
+SET LOCAL search_path = public, pg_catalog;
+SELECT is_empty($$SELECT what FROM trojan.calls$$,
+                'attach and detach call no operator or function planted ahead in search_path');
+SELECT is((SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.trades'::regclass
+                                              AND tgname = 'trace_ext_enqueue'),
+          1::bigint, '(attach re-created the trigger, once)');
+
+-- A pg_monitor member with the trojans ahead in its search_path reads the
+-- views and the Prometheus text: none is called.
+CREATE ROLE pgtap_trace_monitor IN ROLE pg_monitor;
+SET LOCAL ROLE pgtap_trace_monitor;
+SET LOCAL search_path = trojan, pg_catalog, public;
+DO $$
+BEGIN
+    PERFORM * FROM trace.queue_summary;
+    PERFORM * FROM trace.failures;
+    PERFORM * FROM trace.metrics;
+    PERFORM trace.prometheus_metrics();
+END $$;
+RESET ROLE;
+SET LOCAL search_path = public, pg_catalog;
+SELECT is_empty($$SELECT what FROM trojan.calls$$,
+                'queue_summary, failures, metrics and prometheus_metrics() call nothing planted ahead in search_path');
 
 -- The application role still cannot look at the queue or run the operators.
 SET LOCAL ROLE pgtap_trace_app;
