@@ -160,6 +160,16 @@ def rss_kb(pid):
     return 0
 
 
+def rss_anon_kb(pid):
+    """Private resident memory (RssAnon): what the process itself holds,
+    without the shared buffers it has touched."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
 def open_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 

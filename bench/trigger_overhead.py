@@ -1,0 +1,166 @@
+#!/usr/bin/python3
+"""Benchmark 2, trigger overhead: pgbench closing random trades, with and
+without trace_ext attached, and the closing backend's memory over 50,000
+closes.
+
+The trade store holds N open trades (default 1,000,000) of opted-in users
+on a signal with two adapters (myfxbook, webhook, both enabled), so each
+first close of a trade queues two rows.  pgbench runs the application's
+close statement (2 clients, 2 threads, prepared, T seconds, default 60):
+
+    UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
+                      pnl = 42.10, fees = 1.25 WHERE trade_id = :random_id
+
+alternately without the trigger (trace.detach) and with it (trace.attach),
+ROUNDS times (default 2), every run starting from the same state (all
+trades open, queue empty, VACUUM, CHECKPOINT).  trace.delay keeps its
+default (5min): rows wait for their T+X delay, so the runs measure the
+trigger, not the worker's sending.  Prints the TPS of each run, the
+per-10 s progress (stability) and the ratio of the medians.
+
+Then one session closes 50,000 trades, one transaction each, and reports
+its TopMemoryContext and the total of its memory contexts
+(pg_backend_memory_contexts) before and after.
+
+Usage (as root, after make install):
+    bench/trigger_overhead.py [--trades N] [--seconds T] [--rounds R]
+A benchmark, not a test: it asserts nothing.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+
+from benchlib import (DB, cmd_output, conditions, print_block, start_cluster)
+from cluster import PG_BINDIR
+
+SCRIPT = """\\set id random(1, :ntrades)
+UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
+                  pnl = 42.10, fees = 1.25 WHERE trade_id = :id;
+"""
+
+
+def reset(cluster):
+    cluster.psql(dbname=DB, sql="""
+        UPDATE trades SET status = 'OPEN', exit_price = NULL, closed_at = NULL,
+                          pnl = NULL, fees = NULL WHERE status <> 'OPEN';
+        TRUNCATE trace.trace_queue;""")
+    cluster.psql(dbname=DB, sql="VACUUM ANALYZE trades")
+    cluster.psql(dbname=DB, sql="VACUUM ANALYZE trace.trace_queue")
+    cluster.psql(dbname=DB, sql="CHECKPOINT")
+
+
+def pgbench(cluster, script, ntrades, seconds):
+    cmd = [os.path.join(PG_BINDIR, "pgbench"), "-n", "-M", "prepared", "-c", "2", "-j", "2",
+           "-T", str(seconds), "-P", "10", "-f", script, "-D", "ntrades=%d" % ntrades,
+           "-h", cluster.sockdir, "-p", str(cluster.port), "-U", "postgres", DB]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--"] + cmd
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = p.stdout.decode()
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    progress = [float(x) for x in re.findall(r"progress: [\d.]+ s, ([\d.]+) tps", out)]
+    if not m:
+        raise RuntimeError("pgbench failed:\n" + out)
+    return float(m.group(1)), progress
+
+
+def memory_over_closes(cluster, first_id, n):
+    conn = cluster.connect(DB)
+    cur = conn.cursor()
+
+    def sample():
+        cur.execute("SELECT sum(total_bytes) FILTER (WHERE name = 'TopMemoryContext' "
+                    "                                AND level = 0), "
+                    "       sum(total_bytes) FROM pg_backend_memory_contexts")
+        return cur.fetchone()
+
+    def close(ids):
+        for tid in ids:
+            cur.execute("UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, "
+                        "closed_at = now(), pnl = 42.10, fees = 1.25 WHERE trade_id = %s",
+                        (tid,))
+
+    close(range(first_id, first_id + 1000))          # warm up: plans, caches
+    before = sample()
+    close(range(first_id + 1000, first_id + 1000 + n))
+    after = sample()
+    cur.execute("SELECT count(*) FROM trace.trace_queue WHERE trade_id BETWEEN %s AND %s",
+                (first_id, first_id + 1000 + n))
+    queued = cur.fetchone()[0]
+    conn.close()
+    return before, after, queued
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trades", type=int, default=1000000)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    cluster = start_cluster({"trace.enabled_adapters": "myfxbook,webhook",
+                             "trace.myfxbook_webhook_url": "http://127.0.0.1:9/unused",
+                             "trace.webhook_endpoint": "http://127.0.0.1:9/unused"},
+                            "trace_bench_trigger",
+                            pg_settings={"shared_buffers": "512MB", "max_wal_size": "4GB"})
+    script = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
+    script.write(SCRIPT)
+    script.close()
+    os.chmod(script.name, 0o644)
+    try:
+        # N open trades, all of opted-in users, on signal 10 whose adapters
+        # are myfxbook, webhook and file (two of them enabled).
+        cluster.psql(dbname=DB, sql="""
+            UPDATE users SET tracing_enabled = true;
+            DELETE FROM trades;
+            INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
+                                instrument, side, volume, entry_price, opened_at)
+            SELECT g, 1 + g %% 3, 10, 'ACC-' || g, 'CL-' || g, 'EURUSD', 'buy',
+                   1.5, 1.0842, now()
+              FROM generate_series(1, %d) g;""" % args.trades)
+        runs = {"without": [], "with": []}
+        for r in range(args.rounds):
+            for variant in ("without", "with"):
+                cluster.psql(dbname=DB, sql="SELECT trace.%s('trades')"
+                             % ("attach" if variant == "with" else "detach"))
+                reset(cluster)
+                tps, progress = pgbench(cluster, script.name, args.trades, args.seconds)
+                runs[variant].append((tps, progress))
+        cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
+        reset(cluster)
+        before, after, queued = memory_over_closes(cluster, 1, 50000)
+
+        med = {v: statistics.median(t for t, _ in runs[v]) for v in runs}
+        print_block("trigger overhead: pgbench close workload, with and without trace_ext",
+                    conditions(cluster, {
+                        "pgbench": "%s; -n -M prepared -c 2 -j 2 -T %d, random trade of %d"
+                                   % (cmd_output([os.path.join(PG_BINDIR, "pgbench"),
+                                                  "--version"]), args.seconds, args.trades),
+                        "trace_ext": "attached via trace.attach(); opted-in users; signal with "
+                                     "myfxbook+webhook; trace.delay default (rows wait, "
+                                     "the worker sends nothing during the runs)",
+                        "server": "shared_buffers 512MB, max_wal_size 4GB, otherwise defaults",
+                    }))
+        lines = []
+        for variant in ("without", "with"):
+            for i, (tps, prog) in enumerate(runs[variant]):
+                lines.append("%-7s run %d: %.0f TPS; per 10 s: %s"
+                             % (variant, i + 1, tps, " ".join("%.0f" % x for x in prog)))
+        lines.append("median: %.0f TPS without, %.0f TPS with trace_ext = %.1f %% kept"
+                     % (med["without"], med["with"], 100 * med["with"] / med["without"]))
+        lines.append("one session, 50,000 closes (one transaction each, %d rows queued):"
+                     % queued)
+        lines.append("  TopMemoryContext %d -> %d bytes; all contexts %d -> %d bytes"
+                     % (before[0], after[0], before[1], after[1]))
+        print_block("result", lines)
+    finally:
+        os.unlink(script.name)
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    main()
