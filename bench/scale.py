@@ -16,9 +16,10 @@ A benchmark, not a test: it asserts nothing.
 """
 
 import argparse
+import re
 import time
 
-from benchlib import (DB, Nginx, conditions, print_block, rss_anon_kb, rss_kb, start_cluster,
+from benchlib import (DB, REPO, Nginx, conditions, print_block, rss_anon_kb, rss_kb, start_cluster,
                       wait_until, worker_pids)
 
 WINDOW = 5      # seconds of drain measured per level
@@ -38,9 +39,16 @@ def claim_stats(cur):
     return cur.fetchone()
 
 
-def explain_claim(cur, query):
+def claim_sql():
+    """The worker's claim statement, as src/queue.c prepares it."""
+    src = (REPO / "src" / "queue.c").read_text()
+    body = src.split("claim_plan = keep_plan(", 1)[1].split("3, claim_types)", 1)[0]
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
+
+
+def explain_claim(cur):
     cur.execute("DEALLOCATE ALL")
-    cur.execute("PREPARE claim(int, float8, text[]) AS " + query)
+    cur.execute("PREPARE claim(int, float8, text[]) AS " + claim_sql())
     cur.execute("EXPLAIN EXECUTE claim(100, 25, '{}')")
     return [r[0] for r in cur.fetchall()]
 
@@ -84,8 +92,7 @@ def main():
             left = pending(cur)
             results.append((level, calls, mean_ms, left))
             if level == max(levels):
-                if q:
-                    plan = explain_claim(cur, q)
+                plan = explain_claim(cur)
                 rss.append((time.time() - t0, rss0[0], rss0[1], level))
                 while True:
                     left = pending(cur)
