@@ -215,6 +215,7 @@ if want e2e; then
         fi
         awk '
             /\.t \.+ $/        { file = $1; order[++n] = file; next }
+            /^not ok [0-9].*# TODO/ { todo[file]++; indiag = 0; next }
             /^not ok [0-9]/    { bad[file]++; print file ": " $0; indiag = 1; next }
             indiag && /^#/     { print "    " $0; next }
                                { indiag = 0 }
@@ -223,7 +224,8 @@ if want e2e; then
             tail               { rest = rest $0 "\n" }
             END {
                 for (i = 1; i <= n; i++)
-                    printf "  %-50s %d passed, %d failed\n", order[i], good[order[i]], bad[order[i]]
+                    printf "  %-50s %d passed, %d failed%s\n", order[i], good[order[i]], bad[order[i]],
+                           todo[order[i]] ? sprintf(", %d TODO (known, not yet fixed)", todo[order[i]]) : ""
                 printf "%s", rest
             }' "$e2e_log"
     fi
