@@ -245,6 +245,72 @@ def split_statements(text):
     return [s for s in out if s]
 
 
+def script_problems(name, text, created_before):
+    """What breaks the extension-script rules in one trace_ext--*.sql:
+    the \\echo guard; functions created in schema trace; SQL, plpgsql and
+    SECURITY DEFINER functions pinning search_path = pg_catalog, pg_temp;
+    every new function revoked from PUBLIC; no IF NOT EXISTS; no OR
+    REPLACE of a function no earlier script created; tables, views,
+    indexes and triggers schema-qualified; no bare SET search_path.
+    created_before: functions earlier scripts created (updated here)."""
+    # psql meta-commands (the \echo guard) are not SQL
+    stmts = split_statements(re.sub(r"^\\.*$", "", text, flags=re.M))
+    is_update = name.count("--") == 2
+    problems = []
+    if not re.search(r"^\\echo .*\\quit\s*$", text, re.M):
+        problems.append("no \\echo ... \\quit guard")
+    revoked_all = [i for i, s in enumerate(stmts) if re.search(
+        r"REVOKE\s+ALL\s+ON\s+ALL\s+FUNCTIONS\s+IN\s+SCHEMA\s+trace\s+FROM\s+PUBLIC",
+        s, re.I)]
+    for i, s in enumerate(stmts):
+        st = s.strip()
+        # (function bodies aside: plpgsql's IF NOT EXISTS (...) is fine)
+        if re.search(r"\bIF\s+NOT\s+EXISTS\b",
+                     re.sub(r"\$(\w*)\$.*?\$\1\$", "$$", st, flags=re.S), re.I):
+            problems.append("IF NOT EXISTS (an existing object would be adopted): "
+                            + st[:80])
+        m = re.match(r"CREATE\s+(OR\s+REPLACE\s+)?(FUNCTION|PROCEDURE)\s+([\w.\"]+)",
+                     st, re.I)
+        if m:
+            fname = m.group(3)
+            if not fname.startswith("trace."):
+                problems.append("%s %s is not created in schema trace"
+                                % (m.group(2), fname))
+            if m.group(1) and (fname not in created_before or not is_update):
+                problems.append("CREATE OR REPLACE of %s, which no earlier script "
+                                "created" % fname)
+            lang = re.search(r"LANGUAGE\s+(\w+)", st, re.I)
+            lang = lang.group(1).lower() if lang else "?"
+            secdef = re.search(r"SECURITY\s+DEFINER", st, re.I)
+            pinned = re.search(r"SET\s+search_path\s*(=|TO)\s*pg_catalog\s*,\s*pg_temp\b",
+                               st, re.I)
+            if (lang in ("sql", "plpgsql") or secdef) and not pinned:
+                problems.append("%s (LANGUAGE %s%s) does not SET search_path = "
+                                "pg_catalog, pg_temp" % (fname, lang,
+                                                         ", SECURITY DEFINER" if secdef else ""))
+            base = fname.split("(")[0]
+            revoked = any(j > i for j in revoked_all) or any(
+                re.search(r"REVOKE\s+.*ON\s+FUNCTION\s+%s\s*\(.*FROM\s+PUBLIC"
+                          % re.escape(base), s2, re.I | re.S)
+                for s2 in stmts[i + 1:])
+            if not revoked:
+                problems.append("%s: no REVOKE ... FROM PUBLIC after it (a new "
+                                "function is executable by PUBLIC)" % fname)
+            created_before.add(fname)
+        m = re.match(r"CREATE\s+(TABLE|VIEW|MATERIALIZED\s+VIEW|SEQUENCE|TYPE|DOMAIN)\s+"
+                     r"([\w.\"]+)", st, re.I)
+        if m and not m.group(2).startswith("trace."):
+            problems.append("%s %s is not schema-qualified with trace."
+                            % (m.group(1), m.group(2)))
+        m = re.match(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+\w*\s*ON\s+([\w.\"]+)", st, re.I) \
+            or re.match(r"CREATE\s+TRIGGER\s+\w+\s+.*?\bON\s+([\w.\"]+)", st, re.I | re.S)
+        if m and not m.group(1).startswith("trace."):
+            problems.append("index/trigger on %s: not schema-qualified" % m.group(1))
+        if re.match(r"SET\s+(LOCAL\s+)?search_path", st, re.I):
+            problems.append("a bare SET search_path in the script: " + st[:80])
+    return problems
+
+
 # -- the secrets file -------------------------------------------------------
 SERVER = pwd.getpwnam(OS_USER)
 
@@ -647,7 +713,10 @@ try:
              "the delivery worker (a superuser) calls no function or operator a "
              "database owner planted in its search_path",
              "src/worker.c: pin search_path after BackgroundWorkerInitializeConnection",
-             lambda: "calls: %r\nlog: %s" % (calls[:15], "\n".join(log_calls[:10])))
+             lambda: "%d calls, of: %s (as %s)\nlog: %s" % (
+                 len(calls), ", ".join(sorted(set(c[0] for c in calls))),
+                 ", ".join(sorted(set("%s/%s superuser=%s" % (c[3], c[1], c[2]) for c in calls))),
+                 "\n".join(log_calls[:5])))
         escal = [c for c in calls if c[2]]
         todo(not escal, "no owner's code ran as a superuser in the worker",
              "same", lambda: repr(escal[:5]))
@@ -666,67 +735,32 @@ try:
         created_before = set()
         for path in sorted(scripts, key=lambda p: [int(x) for x in re.findall(r"\d+", Path(p).name)]):
             name = Path(path).name
-            text = open(path).read()
-            # psql meta-commands (the \echo guard) are not SQL
-            stmts = split_statements(re.sub(r"^\\.*$", "", text, flags=re.M))
-            is_update = name.count("--") == 2
-            problems = []
-            if not re.search(r"^\\echo .*\\quit\s*$", text, re.M):
-                problems.append("no \\echo ... \\quit guard")
-            revoked_all = [i for i, s in enumerate(stmts) if re.search(
-                r"REVOKE\s+ALL\s+ON\s+ALL\s+FUNCTIONS\s+IN\s+SCHEMA\s+trace\s+FROM\s+PUBLIC",
-                s, re.I)]
-            for i, s in enumerate(stmts):
-                st = s.strip()
-                # (function bodies aside: plpgsql's IF NOT EXISTS (...) is fine)
-                if re.search(r"\bIF\s+NOT\s+EXISTS\b",
-                             re.sub(r"\$(\w*)\$.*?\$\1\$", "$$", st, flags=re.S), re.I):
-                    problems.append("IF NOT EXISTS (an existing object would be adopted): "
-                                    + st[:80])
-                m = re.match(r"CREATE\s+(OR\s+REPLACE\s+)?(FUNCTION|PROCEDURE)\s+([\w.\"]+)",
-                             st, re.I)
-                if m:
-                    fname = m.group(3)
-                    if not fname.startswith("trace."):
-                        problems.append("%s %s is not created in schema trace"
-                                        % (m.group(2), fname))
-                    if m.group(1) and (fname not in created_before or not is_update):
-                        problems.append("CREATE OR REPLACE of %s, which no earlier script "
-                                        "created" % fname)
-                    lang = re.search(r"LANGUAGE\s+(\w+)", st, re.I)
-                    lang = lang.group(1).lower() if lang else "?"
-                    secdef = re.search(r"SECURITY\s+DEFINER", st, re.I)
-                    pinned = re.search(r"SET\s+search_path\s*(=|TO)\s*pg_catalog\s*,\s*pg_temp\b",
-                                       st, re.I)
-                    if (lang in ("sql", "plpgsql") or secdef) and not pinned:
-                        problems.append("%s (LANGUAGE %s%s) does not SET search_path = "
-                                        "pg_catalog, pg_temp" % (fname, lang,
-                                                                 ", SECURITY DEFINER" if secdef else ""))
-                    base = fname.split("(")[0]
-                    revoked = any(j > i for j in revoked_all) or any(
-                        re.search(r"REVOKE\s+.*ON\s+FUNCTION\s+%s\s*\(.*FROM\s+PUBLIC"
-                                  % re.escape(base), s2, re.I | re.S)
-                        for s2 in stmts[i + 1:])
-                    if not revoked:
-                        problems.append("%s: no REVOKE ... FROM PUBLIC after it (a new "
-                                        "function is executable by PUBLIC)" % fname)
-                    created_before.add(fname)
-                m = re.match(r"CREATE\s+(TABLE|VIEW|MATERIALIZED\s+VIEW|SEQUENCE|TYPE|DOMAIN)\s+"
-                             r"([\w.\"]+)", st, re.I)
-                if m and not m.group(2).startswith("trace."):
-                    problems.append("%s %s is not schema-qualified with trace."
-                                    % (m.group(1), m.group(2)))
-                m = re.match(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+\w*\s*ON\s+([\w.\"]+)", st, re.I) \
-                    or re.match(r"CREATE\s+TRIGGER\s+\w+\s+.*?\bON\s+([\w.\"]+)", st, re.I | re.S)
-                if m and not m.group(1).startswith("trace."):
-                    problems.append("index/trigger on %s: not schema-qualified" % m.group(1))
-                if re.match(r"SET\s+(LOCAL\s+)?search_path", st, re.I):
-                    problems.append("a bare SET search_path in the script: " + st[:80])
+            problems = script_problems(name, open(path).read(), created_before)
             t.ok(not problems, "%s: guard; functions in schema trace, SQL/plpgsql and "
                  "SECURITY DEFINER ones pin search_path = pg_catalog, pg_temp; every new "
                  "function revoked from PUBLIC; no IF NOT EXISTS; no OR REPLACE of what an "
                  "earlier script did not create; objects schema-qualified" % name,
                  "\n".join(problems))
+
+    with t.case("(the script check fails a script that breaks the rules)"):
+        bad_script = """\\echo Use "ALTER EXTENSION trace_ext UPDATE" to load this file. \\quit
+CREATE FUNCTION trace.f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN RETURN 1; END $$;
+CREATE OR REPLACE FUNCTION trace.g() RETURNS int LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp AS $$ SELECT 1 $$;
+REVOKE ALL ON FUNCTION trace.g() FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS trace.t (x int);
+CREATE TABLE unqualified (x int);
+CREATE INDEX i ON unqualified (x);
+SET search_path = public;
+"""
+        got = script_problems("trace_ext--9.0--9.1.sql", bad_script, {"trace.attach"})
+        for want in ("trace.f (LANGUAGE plpgsql) does not SET search_path",
+                     "trace.f: no REVOKE", "CREATE OR REPLACE of trace.g",
+                     "IF NOT EXISTS", "TABLE unqualified is not schema-qualified",
+                     "index/trigger on unqualified", "a bare SET search_path"):
+            t.ok(any(want in g for g in got), "it reports: %s" % want, "\n".join(got))
+        t.ok(script_problems("trace_ext--9.0.sql", "CREATE SCHEMA trace;\n", set())
+             == ["no \\echo ... \\quit guard"], "it reports a missing \\echo guard")
 
     with t.case("the canary scan finds a marker where there is one"):
         marker = env.canaries["users.email"]
