@@ -325,7 +325,9 @@ BEGIN
 
     SELECT s.reset_val INTO user_path
       FROM pg_catalog.pg_settings s WHERE s.name = 'search_path';
-    PERFORM pg_catalog.set_config('search_path', user_path, true);
+    -- pg_temp last: a temporary "trades" of the installing session never wins
+    PERFORM pg_catalog.set_config('search_path',
+        pg_catalog.concat_ws(', ', NULLIF(user_path, ''), 'pg_temp'), true);
     found := pg_catalog.to_regclass('trades');
     PERFORM pg_catalog.set_config('search_path', saved, true);
 

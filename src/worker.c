@@ -495,6 +495,13 @@ connect_to_database(void)
 	on_proc_exit(remember_connect_failure, (Datum) 0);
 	BackgroundWorkerInitializeConnection(trace_database, NULL, 0);
 	connected = true;
+
+	/*
+	 * We run as a superuser; the database's owner may have set a
+	 * search_path for it (ALTER DATABASE ... SET) with functions or
+	 * operators named like the ones our queries use.  Never look there.
+	 */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 void

@@ -48,19 +48,6 @@ from trace_e2e import DB, REPO, TraceEnv, fixture_path  # noqa: E402
 t = Tap()
 
 
-def todo(cond, desc, why, diag=None):
-    """A TAP TODO check: a known defect in a file this test does not own.
-    prove counts it as a pass while it fails and says "TODO passed" once
-    it is fixed (then make it an ordinary check)."""
-    t.n += 1
-    line = "%s %d - %s # TODO %s" % ("ok" if cond else "not ok", t.n,
-                                      desc.replace("#", "\\#"), why)
-    t._print(line)
-    if not cond and diag is not None:
-        t.diag(diag() if callable(diag) else diag)
-    return bool(cond)
-
-
 # -- trojans ---------------------------------------------------------------
 # (operator, left type, right type, result type)
 TROJAN_OPERATORS = [
@@ -677,11 +664,9 @@ try:
                   CREATE TEMP TABLE signals (LIKE public.signals)""")
         h.cursor().execute("CREATE EXTENSION trace_ext")
         where = run(h, TRIGGER_ON)
-        todo(where == [("public", "trades")],
+        t.ok(where == [("public", "trades")],
              "the install attaches to public.trades, not to a trades table in the "
-             "installing session's pg_temp",
-             "trace_ext--1.0.sql: the DO block's search_path lacks an explicit pg_temp",
-             "trigger on: %r" % where)
+             "installing session's pg_temp", "trigger on: %r" % (where,))
         h.close()
 
     # -- the delivery worker and a database owner's search_path -------------
@@ -709,17 +694,15 @@ try:
         calls = trojan_calls(own)
         log_calls = [ln for ln in env.cluster.log_text(since).splitlines()
                      if "TROJAN CALLED" in ln]
-        todo(not calls and not log_calls,
+        t.ok(not calls and not log_calls,
              "the delivery worker (a superuser) calls no function or operator a "
              "database owner planted in its search_path",
-             "src/worker.c: pin search_path after BackgroundWorkerInitializeConnection",
-             lambda: "%d calls, of: %s (as %s)\nlog: %s" % (
+             "%d calls, of: %s (as %s)\nlog: %s" % (
                  len(calls), ", ".join(sorted(set(c[0] for c in calls))),
                  ", ".join(sorted(set("%s/%s superuser=%s" % (c[3], c[1], c[2]) for c in calls))),
                  "\n".join(log_calls[:5])))
         escal = [c for c in calls if c[2]]
-        todo(not escal, "no owner's code ran as a superuser in the worker",
-             "same", lambda: repr(escal[:5]))
+        t.ok(not escal, "no owner's code ran as a superuser in the worker", repr(escal[:5]))
         run(own, "DROP SCHEMA trojan CASCADE")
         own.close()
         env.sql("ALTER DATABASE %s OWNER TO postgres" % DB)
