@@ -94,6 +94,13 @@ SELECT format('ALTER SYSTEM SET %s = %L', g, u)
                     E'http://127.0.0.1/\x01', E'https://example.com/\x7f',
                     E'https://example.com/\ttab']) AS u
  ORDER BY g, u \gexec
+-- Credentials in a URL would be visible in pg_settings and the reload log.
+SELECT format('ALTER SYSTEM SET %s = %L', g, u)
+  FROM unnest(ARRAY['trace.webhook_endpoint', 'trace.myfxbook_webhook_url',
+                    'trace.s3_endpoint']) AS g,
+       unnest(ARRAY['https://user:pass@example.com/hook', 'https://user@example.com/hook',
+                    'http://:pass@127.0.0.1/hook']) AS u
+ ORDER BY g, u \gexec
 -- A line break is a control character too (no header injection).
 ALTER SYSTEM SET trace.webhook_endpoint = E'https://example.com/hook\nX-Injected: 1';
 

@@ -201,6 +201,8 @@ check_url_syntax(const char *url, const char *guc)
 	CURLU	   *u = curl_url();
 	CURLUcode	rc;
 	char	   *host = NULL;
+	char	   *user = NULL;
+	bool		has_user = false;
 
 	if (u == NULL)
 	{
@@ -212,8 +214,17 @@ check_url_syntax(const char *url, const char *guc)
 		rc = curl_url_get(u, CURLUPART_HOST, &host, 0);
 	if (rc == CURLUE_OK && host[0] == '\0')
 		rc = CURLUE_NO_HOST;
+	if (rc == CURLUE_OK && curl_url_get(u, CURLUPART_USER, &user, 0) == CURLUE_OK)
+		has_user = true;
 	curl_free(host);
+	curl_free(user);
 	curl_url_cleanup(u);
+	if (has_user)
+	{
+		/* the value itself is visible in pg_settings and the reload log */
+		GUC_check_errdetail("%s must not carry a user name or password; put credentials in the adapter's token or key parameters, or in trace.secrets_file.", guc);
+		return false;
+	}
 	if (rc != CURLUE_OK)
 	{
 		GUC_check_errdetail("%s is not a valid URL: %s.", guc, curl_url_strerror(rc));
