@@ -60,16 +60,6 @@ READY = "database system is ready to accept connections"
 _next_id = [2_000_000]
 
 
-def canary_source():
-    """Where the personal values of new trades come from: TraceEnv's
-    e2e_canary table (its markers, built on the server, so that our
-    statements carry none) when it has one, else plain literals."""
-    if env.sql1("SELECT to_regclass('e2e_canary') IS NOT NULL"):
-        return "(SELECT account, passport, iban FROM e2e_canary LIMIT 1) k"
-    return ("(SELECT 'ACC-E2E-' AS account, 'PASSPORT-CANARY-' AS passport, "
-            "'DE00CANARYIBAN' AS iban) k")
-
-
 def forget_trades(lo, hi):
     """Delete trades lo..hi once their case has checked them (their queue
     rows stay).  The trade store stays small, so that the canary scan at
@@ -87,15 +77,7 @@ def bulk_close(n, signal_id=10, chunk=None, first=None):
         first = _next_id[0]
         _next_id[0] = first + n
     last = first + n - 1
-    env.sql("""
-        INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
-                            instrument, side, volume, entry_price, opened_at,
-                            passport, iban)
-        SELECT g, u.user_id, %(s)s, k.account || g, u.client_id, 'EURUSD', 'buy', 2.5,
-               1.084250, timestamptz '2026-01-05 08:00:00+00' + g * interval '1 second',
-               k.passport || g, k.iban || lpad(g::text, 8, '0')
-          FROM generate_series(%(a)s::bigint, %(b)s::bigint) g, users u, """ + canary_source()
-            + """ WHERE u.user_id = 1""", {"s": signal_id, "a": first, "b": last})
+    env.add_trades(first, last, signal_id=signal_id)
     step = chunk or n
     for lo in range(first, last + 1, step):
         env.sql("""UPDATE trades SET status = 'CLOSED', exit_price = 1.0912,

@@ -34,31 +34,13 @@ standby = None
 _next_id = [3_000_000]
 
 
-def canary_source():
-    """Where the personal values of new trades come from: TraceEnv's
-    e2e_canary table (its markers, built on the server, so that our
-    statements carry none) when it has one, else plain literals."""
-    if env.sql1("SELECT to_regclass('e2e_canary') IS NOT NULL"):
-        return "(SELECT account, passport, iban FROM e2e_canary LIMIT 1) k"
-    return ("(SELECT 'ACC-E2E-' AS account, 'PASSPORT-CANARY-' AS passport, "
-            "'DE00CANARYIBAN' AS iban) k")
-
-
 def bulk_close(db_sql, n, signal_id=10):
     """Insert n OPEN trades of user 1 (opted in) and close them in one
     UPDATE, on the primary; returns their ids."""
     first = _next_id[0]
     last = first + n - 1
     _next_id[0] = last + 1
-    db_sql("""
-        INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
-                            instrument, side, volume, entry_price, opened_at,
-                            passport, iban)
-        SELECT g, u.user_id, %(s)s, k.account || g, u.client_id, 'EURUSD', 'buy', 2.5,
-               1.084250, timestamptz '2026-01-05 08:00:00+00' + g * interval '1 second',
-               k.passport || g, k.iban || lpad(g::text, 8, '0')
-          FROM generate_series(%(a)s::bigint, %(b)s::bigint) g, users u, """ + canary_source()
-           + """ WHERE u.user_id = 1""", {"s": signal_id, "a": first, "b": last})
+    env.add_trades(first, last, signal_id=signal_id, run_sql=db_sql)
     db_sql("""UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
                      pnl = 10, fees = 1
                WHERE trade_id BETWEEN %s AND %s""", (first, last))

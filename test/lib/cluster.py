@@ -222,15 +222,16 @@ class Cluster:
         self.set_conf(base, reload=False)
         return self
 
-    def set_conf(self, settings, reload=True):
-        """Append settings to postgresql.conf (the last occurrence wins);
-        reload a running server if asked."""
+    def set_conf(self, settings, reload=True, conf_file="postgresql.conf"):
+        """Append settings to postgresql.conf, or another file of the data
+        directory (the last occurrence wins); reload a running server if
+        asked."""
         lines = []
         for k, v in settings.items():
             if not _GUC_NAME.match(k):
                 raise ValueError("bad setting name %r" % k)
             lines.append("%s = %s\n" % (k, conf_value(v)))
-        with open(os.path.join(self.datadir, "postgresql.conf"), "a") as f:
+        with open(os.path.join(self.datadir, conf_file), "a") as f:
             f.write("\n# added by test/lib/cluster.py\n")
             f.writelines(lines)
         self.settings.update(settings)

@@ -15,10 +15,9 @@ destroy(), at exit, or on SIGTERM, whatever state it is in, and it binds
 nothing but 127.0.0.1.  It never touches the primary except to read it.
 """
 
-import os
 import time
 
-from cluster import Cluster, ClusterError, conf_value, _GUC_NAME
+from cluster import Cluster, ClusterError
 
 
 class Standby(Cluster):
@@ -55,22 +54,12 @@ class Standby(Cluster):
         self.set_conf(own, reload=False)
         return self
 
-    def set_conf(self, settings, reload=True):
+    def set_conf(self, settings, reload=True, conf_file="postgresql.auto.conf"):
         """Append settings to postgresql.auto.conf (read after
         postgresql.conf, the last occurrence wins): the base backup
         copied the primary's files, ALTER SYSTEM settings included, and
         this standby's own settings must override both."""
-        lines = []
-        for k, v in settings.items():
-            if not _GUC_NAME.match(k):
-                raise ValueError("bad setting name %r" % k)
-            lines.append("%s = %s\n" % (k, conf_value(v)))
-        with open(os.path.join(self.datadir, "postgresql.auto.conf"), "a") as f:
-            f.write("# added by test/lib/standby.py\n")
-            f.writelines(lines)
-        self.settings.update(settings)
-        if reload and self.running:
-            self.reload()
+        super().set_conf(settings, reload=reload, conf_file=conf_file)
 
     def in_recovery(self):
         conn = self.connect()

@@ -312,19 +312,25 @@ class TraceEnv:
         """Insert an OPEN trade for a user and a signal; returns its id."""
         self._next_trade += 1
         tid = self._next_trade
-        # The personal values are built on the server (e2e_canary): the
-        # statement itself carries none.
-        self.sql("""
+        self.add_trades(tid, tid, user_id, signal_id, instrument)
+        return tid
+
+    def add_trades(self, first, last, user_id=1, signal_id=11, instrument="EURUSD",
+                   run_sql=None):
+        """Insert OPEN trades first..last for a user and a signal (through
+        run_sql, e.g. another cluster's, if given).  The personal values
+        are built on the server (e2e_canary): the statement carries none."""
+        (run_sql or self.sql)("""
             INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
                                 instrument, side, volume, entry_price, opened_at,
                                 passport, iban)
-            SELECT %(t)s, %(u)s, %(s)s, k.account || %(t)s, u.client_id,
+            SELECT g, u.user_id, %(s)s, k.account || g, u.client_id,
                    %(i)s, 'buy', 2.5, 1.084250,
-                   timestamptz '2026-01-05 08:00:00+00' + %(t)s * interval '1 second',
-                   k.passport || %(t)s, k.iban || lpad(%(t)s::text, 8, '0')
-              FROM users u, e2e_canary k WHERE u.user_id = %(u)s""",
-                 {"t": tid, "u": user_id, "s": signal_id, "i": instrument})
-        return tid
+                   timestamptz '2026-01-05 08:00:00+00' + g * interval '1 second',
+                   k.passport || g, k.iban || lpad(g::text, 8, '0')
+              FROM generate_series(%(a)s::bigint, %(b)s::bigint) g, users u, e2e_canary k
+             WHERE u.user_id = %(u)s""",
+            {"a": first, "b": last, "u": user_id, "s": signal_id, "i": instrument})
 
     def close_trade(self, trade_id, pnl="42.10", fees="1.25", exit_price="1.091200"):
         """Close a trade the way the trading application does."""
