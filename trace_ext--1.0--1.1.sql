@@ -18,3 +18,10 @@ COMMENT ON TRIGGER trace_queue_wake ON trace.trace_queue IS
     'wakes the delivery workers when a statement that queued or rescheduled rows commits';
 
 REVOKE ALL ON FUNCTION trace._queue_changed() FROM PUBLIC;
+
+-- The trigger function pins name resolution in C instead (an override
+-- search path of pg_catalog alone around its one statement): a SET clause
+-- costs a parameter change and restore at every close.
+ALTER FUNCTION trace._on_trade_close() RESET search_path;
+COMMENT ON FUNCTION trace._on_trade_close() IS
+    'trigger: queue a trade that became CLOSED (SECURITY DEFINER; names resolve in pg_catalog only)';
