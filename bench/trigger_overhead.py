@@ -12,11 +12,14 @@ close statement (2 clients, 2 threads, prepared, T seconds, default 60):
                       pnl = 42.10, fees = 1.25 WHERE trade_id = :random_id
 
 alternately without the trigger (trace.detach) and with it (trace.attach),
-ROUNDS times (default 2), every run starting from the same state (all
+ROUNDS times (default 5), every run starting from the same state (all
 trades open, queue empty, VACUUM, CHECKPOINT).  trace.delay keeps its
 default (5min): rows wait for their T+X delay, so the runs measure the
 trigger, not the worker's sending.  Prints the TPS of each run, the
-per-10 s progress (stability) and the ratio of the medians.
+per-10 s progress (stability), the ratio of the medians and of each
+back-to-back pair (the disk's fsync latency drifts; pairs see the same
+drift), and the closing backend's own CPU time per close with and without
+(steadier than TPS).
 
 Then one session closes 50,000 trades, one transaction each, and reports
 its TopMemoryContext and the total of its memory contexts
@@ -34,7 +37,7 @@ import statistics
 import subprocess
 import tempfile
 
-from benchlib import (DB, cmd_output, conditions, print_block, start_cluster)
+from benchlib import (DB, cmd_output, conditions, cpu_seconds, print_block, start_cluster)
 from cluster import PG_BINDIR
 
 SCRIPT = """\\set id random(1, :ntrades)
@@ -95,11 +98,49 @@ def memory_over_closes(cluster, first_id, n):
     return before, after, queued
 
 
+CLOSE_MANY = """
+CREATE OR REPLACE PROCEDURE pg_temp.close_many(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
+                          pnl = 42.10, fees = 1.25 WHERE trade_id = i;
+        COMMIT;
+    END LOOP;
+END $$"""
+
+
+def cpu_per_close(cluster, attached, first, n=8000, repeat=5):
+    """The closing backend's own CPU time (utime + stime) per close, one
+    transaction each, run server-side (no client round trip): the best of
+    `repeat` runs of n closes.  Steadier than TPS, which the disk's fsync
+    latency dominates."""
+    conn = cluster.connect(DB)
+    cur = conn.cursor()
+    cur.execute("SELECT trace.%s('trades')" % ("attach" if attached else "detach"))
+    cur.execute(CLOSE_MANY)
+    cur.execute("SELECT pg_backend_pid()")
+    pid = cur.fetchone()[0]
+    cur.execute("CALL pg_temp.close_many(%s, %s)", (first, first + 999))   # warm up
+    best = None
+    for k in range(repeat):
+        lo = first + 1000 + k * n
+        c0 = cpu_seconds(pid)
+        cur.execute("CALL pg_temp.close_many(%s, %s)", (lo, lo + n - 1))
+        us = (cpu_seconds(pid) - c0) * 1e6 / n
+        best = us if best is None else min(best, us)
+    conn.close()
+    return best
+
+
+def pair_ratios(runs):
+    return [w / wo for (w, _), (wo, _) in zip(runs["with"], runs["without"])]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trades", type=int, default=1000000)
     ap.add_argument("--seconds", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
     cluster = start_cluster({"trace.enabled_adapters": "myfxbook,webhook",
@@ -133,6 +174,11 @@ def main():
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
         reset(cluster)
         before, after, queued = memory_over_closes(cluster, 1, 50000)
+        reset(cluster)
+        cpu = {"without": cpu_per_close(cluster, False, 1)}
+        reset(cluster)
+        cpu["with"] = cpu_per_close(cluster, True, 1)
+        cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
         med = {v: statistics.median(t for t, _ in runs[v]) for v in runs}
         print_block("trigger overhead: pgbench close workload, with and without trace_ext",
@@ -152,6 +198,13 @@ def main():
                              % (variant, i + 1, tps, " ".join("%.0f" % x for x in prog)))
         lines.append("median: %.0f TPS without, %.0f TPS with trace_ext = %.1f %% kept"
                      % (med["without"], med["with"], 100 * med["with"] / med["without"]))
+        ratios = pair_ratios(runs)
+        lines.append("per round (with / without, run back to back): %s; median %.1f %%"
+                     % (" ".join("%.1f%%" % (100 * r) for r in ratios),
+                        100 * statistics.median(ratios)))
+        lines.append("closing backend's CPU per close (best of 5 x 8,000, server-side loop): "
+                     "%.1f us without, %.1f us with trace_ext (+%.1f us)"
+                     % (cpu["without"], cpu["with"], cpu["with"] - cpu["without"]))
         lines.append("one session, 50,000 closes (one transaction each, %d rows queued):"
                      % queued)
         lines.append("  TopMemoryContext %d -> %d bytes; all contexts %d -> %d bytes"
