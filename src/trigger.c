@@ -156,25 +156,10 @@ enabled_adapters_array(void)
 	return adapters_array(want);
 }
 
-/* An operator's adapter list (names already checked) without repeats. */
-static ArrayType *
-distinct_adapters_array(ArrayType *adapters)
-{
-	bool		want[TRACE_NUM_ADAPTERS] = {false};
-	Datum	   *elems;
-	bool	   *nulls;
-	int			n;
-
-	deconstruct_array(adapters, TEXTOID, -1, false, TYPALIGN_INT,
-					  &elems, &nulls, &n);
-	for (int i = 0; i < n; i++)
-		want[trace_adapter_from_name(TextDatumGetCString(elems[i]))] = true;
-	return adapters_array(want);
-}
-
 /*
  * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
- * (signal's adapters that are enabled); otherwise exactly those adapters.
+ * (signal's adapters that are enabled); otherwise exactly those adapters, each
+ * listed once (see operator_adapters; an empty list queues nothing).
  * Either way the user must have opted in.  Returns the rows queued or
  * re-armed.  The caller has connected to SPI.
  */
@@ -191,7 +176,8 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	TimestampTz due;
 	int			rc;
 
-	adapters = adapters ? distinct_adapters_array(adapters) : enabled_adapters_array();
+	if (adapters == NULL)
+		adapters = enabled_adapters_array();
 	if (adapters == NULL || user_null)
 		return 0;
 
@@ -314,10 +300,15 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
-/* Check the operator's adapter list: known names only, no NULLs. */
-static void
-check_adapter_names(ArrayType *adapters)
+/*
+ * The operator's adapter list: known names only, no NULLs; returned with
+ * each adapter once (an empty array if the list is empty).
+ */
+static ArrayType *
+operator_adapters(ArrayType *adapters)
 {
+	bool		want[TRACE_NUM_ADAPTERS] = {false};
+	ArrayType  *result;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			n;
@@ -327,18 +318,23 @@ check_adapter_names(ArrayType *adapters)
 	for (int i = 0; i < n; i++)
 	{
 		char	   *name;
+		int			kind;
 
 		if (nulls[i])
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("trace.enqueue: adapters must not contain NULL")));
 		name = TextDatumGetCString(elems[i]);
-		if (trace_adapter_from_name(name) < 0)
+		kind = trace_adapter_from_name(name);
+		if (kind < 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("trace.enqueue: unknown adapter \"%s\"", name),
 					 errhint("The adapters are myfxbook, webhook and file.")));
+		want[kind] = true;
 	}
+	result = adapters_array(want);
+	return result ? result : construct_empty_array(TEXTOID);
 }
 
 /*
@@ -397,7 +393,7 @@ trace_enqueue(PG_FUNCTION_ARGS)
 				 errmsg("trace.enqueue: trade_id must not be NULL")));
 	trade_id = PG_GETARG_INT64(0);
 	if (adapters != NULL)
-		check_adapter_names(adapters);
+		adapters = operator_adapters(adapters);
 
 	SPI_connect();
 	if (SPI_execute("SELECT t.tgrelid FROM pg_catalog.pg_trigger t "
