@@ -216,17 +216,15 @@ file_prepare(TraceItem *item, TraceRequest *req)
 }
 
 /*
- * S3 explains a refusal in <Code>...</Code>: keep it in last_error.  The
- * body comes from the tracker, so only printable ASCII is copied (a code
- * is CamelCase letters): anything else would put invalid UTF-8 or control
- * characters into a text column and the log.
+ * S3 explains a refusal in <Code>...</Code>: keep it in last_error.  A code
+ * is CamelCase letters, so anything but printable ASCII in it is shown as
+ * '?' (trace_outcome_append keeps the whole text valid besides).
  */
 static void
 file_explain(TraceItem *item, const char *body)
 {
 	const char *start = strstr(body, "<Code>");
 	const char *end;
-	size_t		used = strlen(item->out.error);
 	char		code[65];
 	int			len;
 
@@ -239,7 +237,7 @@ file_explain(TraceItem *item, const char *body)
 	for (int i = 0; i < len; i++)
 		code[i] = (start[i] >= 0x20 && start[i] < 0x7f) ? start[i] : '?';
 	code[len] = '\0';
-	snprintf(item->out.error + used, sizeof(item->out.error) - used, " (%s)", code);
+	trace_outcome_append(&item->out, " (%s)", code);
 }
 
 const TraceAdapter trace_file_adapter = {

@@ -47,6 +47,22 @@ trace_outcome_fail(TraceOutcome *out, TraceReason reason, const char *fmt,...)
 	sanitize(out->error);
 }
 
+/*
+ * Add to a failure's text (an adapter's explain() quoting the tracker's
+ * answer); the whole text is sanitized again.
+ */
+void
+trace_outcome_append(TraceOutcome *out, const char *fmt,...)
+{
+	size_t		used = strlen(out->error);
+	va_list		args;
+
+	va_start(args, fmt);
+	vsnprintf(out->error + used, sizeof(out->error) - used, fmt, args);
+	va_end(args);
+	sanitize(out->error);
+}
+
 void
 trace_outcome_delivered(TraceOutcome *out, int http_status)
 {

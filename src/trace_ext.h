@@ -200,6 +200,8 @@ extern PGDLLEXPORT void trace_worker_main(Datum arg);
 /* helpers shared by the outcome paths */
 extern void trace_outcome_fail(TraceOutcome *out, TraceReason reason,
 							   const char *fmt,...) pg_attribute_printf(3, 4);
+extern void trace_outcome_append(TraceOutcome *out, const char *fmt,...)
+			pg_attribute_printf(2, 3);
 extern void trace_outcome_delivered(TraceOutcome *out, int http_status);
 
 #endif							/* TRACE_EXT_H */
