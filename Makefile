@@ -12,6 +12,7 @@ OBJS = \
 	src/wake.o \
 	src/secrets.o \
 	src/trigger.o \
+	src/queue_check.o \
 	src/queue.o \
 	src/payload.o \
 	src/outcome.o \

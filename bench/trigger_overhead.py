@@ -11,28 +11,36 @@ close statement (2 clients, 2 threads, prepared, T seconds, default 60):
     UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
                       pnl = 42.10, fees = 1.25 WHERE trade_id = :random_id
 
-alternately without the trigger (trace.detach) and with it (trace.attach),
-ROUNDS times (default 5), every run starting from the same state (all
-trades open, queue empty, VACUUM, CHECKPOINT).  trace.delay keeps its
-default (5min): rows wait for their T+X delay, so the runs measure the
-trigger, not the worker's sending.  Prints the TPS of each run, the
-per-10 s progress (stability), the ratio of the medians and of each
-back-to-back pair (the disk's fsync latency drifts; pairs see the same
-drift), and the closing backend's own CPU time per close with and without
-(steadier than TPS).
+without the trigger (trace.detach) and with it (trace.attach), ROUNDS times
+(default 6), in the order without/with, with/without, without/with, ... so
+that a drift of the disk's fsync latency favours neither side.  Every run
+starts from the same state (all trades open, queue empty, VACUUM,
+CHECKPOINT).  trace.delay keeps its default (5min): rows wait for their T+X
+delay, so the runs measure the trigger, not the worker's sending.  Prints
+the TPS of each run, the per-10 s progress (stability), the ratio of the
+medians and of each back-to-back pair, and the closing backend's own CPU
+time per close with and without.
+
+The TPS of this workload is mostly the commit's fsync, which on a VM
+drifts by tens of per cent from run to run; so the script also counts, with
+valgrind (callgrind), the instructions a backend executes per close, and
+per UPDATE that leaves status alone, with and without the trigger.  Those
+counts are exact and repeatable: the same build gives the same figures on
+any machine.  (valgrind is optional: without it that part is skipped.)
 
 Then one session closes 50,000 trades, one transaction each, and reports
 its TopMemoryContext and the total of its memory contexts
 (pg_backend_memory_contexts) before and after.
 
 Usage (as root, after make install):
-    bench/trigger_overhead.py [--trades N] [--seconds T] [--rounds R]
+    bench/trigger_overhead.py [--trades N] [--seconds T] [--rounds R] [--no-valgrind]
 A benchmark, not a test: it asserts nothing.
 """
 
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -132,6 +140,72 @@ def cpu_per_close(cluster, attached, first, n=8000, repeat=5):
     return best
 
 
+# The single-user backend runs these (one transaction per row, like the
+# pgbench clients): closes, and updates that leave status alone.
+LOOPS = """
+CREATE PROCEDURE public.bench_close(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
+                          pnl = 42.10, fees = 1.25 WHERE trade_id = i;
+        COMMIT;
+    END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_touch(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        UPDATE trades SET fees = 1.50 WHERE trade_id = i;
+        COMMIT;
+    END LOOP;
+END $$;"""
+
+
+def callgrind_instructions(cluster, proc, n):
+    """Instructions (callgrind's Ir) of a single-user backend inside CALL
+    statements: a warm-up CALL of 200 rows, then one of n rows.  The
+    cluster must be stopped."""
+    out = os.path.join(cluster.base, "callgrind.out")
+    stdin = "CALL public.%s(1, 200)\nCALL public.%s(201, %d)\n" % (proc, proc, 200 + n)
+    cmd = ["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind",
+           "--callgrind-out-file=" + out, "--toggle-collect=ExecuteCallStmt",
+           os.path.join(PG_BINDIR, "postgres"), "--single", "-D", cluster.datadir, DB]
+    p = subprocess.run(cmd, input=stdin.encode(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, cwd=cluster.base)
+    text = open(out).read() if os.path.exists(out) else ""
+    m = re.search(r"^summary: (\d+)", text, re.M)
+    if p.returncode != 0 or not m or b"ERROR" in p.stdout:
+        raise RuntimeError("callgrind run failed:\n" + p.stdout.decode()[-3000:])
+    os.unlink(out)
+    return int(m.group(1))
+
+
+def instructions_per_row(cluster, attached, proc, n1=300, n2=1300):
+    """Instructions per row of proc: the difference between runs of n2 and
+    n1 rows, over n2 - n1 (start-up and warm-up cancel out)."""
+    counts = []
+    for n in (n1, n2):
+        cluster.psql(dbname=DB, sql="SELECT trace.%s('trades')"
+                     % ("attach" if attached else "detach"))
+        reset(cluster)
+        cluster.stop()
+        try:
+            counts.append(callgrind_instructions(cluster, proc, n))
+        finally:
+            cluster.start()
+    return (counts[1] - counts[0]) / float(n2 - n1)
+
+
+def instruction_counts(cluster):
+    cluster.psql(dbname=DB, sql=LOOPS)
+    counts = {}
+    for proc in ("bench_close", "bench_touch"):
+        for attached in (False, True):
+            counts[(proc, attached)] = instructions_per_row(cluster, attached, proc)
+    cluster.psql(dbname=DB, sql="DROP PROCEDURE public.bench_close(bigint, bigint); "
+                                "DROP PROCEDURE public.bench_touch(bigint, bigint)")
+    return counts
+
+
 def pair_ratios(runs):
     return [w / wo for (w, _), (wo, _) in zip(runs["with"], runs["without"])]
 
@@ -140,8 +214,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trades", type=int, default=1000000)
     ap.add_argument("--seconds", type=int, default=60)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--no-valgrind", action="store_true",
+                    help="skip the instruction counts")
     args = ap.parse_args()
+    use_valgrind = not args.no_valgrind and shutil.which("valgrind") is not None
 
     cluster = start_cluster({"trace.enabled_adapters": "myfxbook,webhook",
                              "trace.myfxbook_webhook_url": "http://127.0.0.1:9/unused",
@@ -165,7 +242,8 @@ def main():
               FROM generate_series(1, %d) g;""" % args.trades)
         runs = {"without": [], "with": []}
         for r in range(args.rounds):
-            for variant in ("without", "with"):
+            order = ("without", "with") if r % 2 == 0 else ("with", "without")
+            for variant in order:
                 cluster.psql(dbname=DB, sql="SELECT trace.%s('trades')"
                              % ("attach" if variant == "with" else "detach"))
                 reset(cluster)
@@ -178,6 +256,7 @@ def main():
         cpu = {"without": cpu_per_close(cluster, False, 1)}
         reset(cluster)
         cpu["with"] = cpu_per_close(cluster, True, 1)
+        ir = instruction_counts(cluster) if use_valgrind else None
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
         med = {v: statistics.median(t for t, _ in runs[v]) for v in runs}
@@ -205,6 +284,16 @@ def main():
         lines.append("closing backend's CPU per close (best of 5 x 8,000, server-side loop): "
                      "%.1f us without, %.1f us with trace_ext (+%.1f us)"
                      % (cpu["without"], cpu["with"], cpu["with"] - cpu["without"]))
+        if ir:
+            for proc, what in (("bench_close", "close"),
+                               ("bench_touch", "UPDATE that leaves status alone")):
+                wo, w = ir[(proc, False)], ir[(proc, True)]
+                lines.append("instructions per %s (callgrind, single-user backend, "
+                             "1,000 rows): %.0f without, %.0f with trace_ext (+%.0f, +%.0f %%)"
+                             % (what, wo, w, w - wo, 100 * (w - wo) / wo))
+        else:
+            lines.append("instructions per close: skipped (valgrind not installed, "
+                         "or --no-valgrind)")
         lines.append("one session, 50,000 closes (one transaction each, %d rows queued):"
                      % queued)
         lines.append("  TopMemoryContext %d -> %d bytes; all contexts %d -> %d bytes"

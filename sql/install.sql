@@ -65,6 +65,32 @@ SELECT i.indisprimary, i.indisunique,
  WHERE i.indrelid = 'trace.trace_queue'::regclass AND i.indisunique
  ORDER BY i.indisprimary DESC;
 
+-- The queue accepts only known adapters and statuses (one CHECK constraint).
+SELECT conname, pg_get_constraintdef(oid) AS definition
+  FROM pg_constraint
+ WHERE conrelid = 'trace.trace_queue'::regclass AND contype = 'c';
+SELECT v.adapter, v.status, trace._queue_values_ok(v.adapter, v.status) AS accepted
+  FROM (VALUES ('myfxbook', 'pending'), ('webhook', 'sending'), ('file', 'delivered'),
+               ('webhook', 'abandoned'), ('file', 'cancelled'),
+               ('Webhook', 'pending'), ('webhook ', 'pending'), ('', 'pending'),
+               ('mt4', 'pending'), ('webhook', 'PENDING'), ('webhook', 'done'),
+               ('webhook', '')) v(adapter, status);
+SELECT trace._queue_values_ok(NULL, 'pending') IS NULL AS strict;
+-- (terse: the failing row's DETAIL holds the time of the insert)
+\set VERBOSITY terse
+BEGIN;
+INSERT INTO trace.trace_queue (trade_id, adapter, trade_table) VALUES (1, 'mt4', 'trades');
+ROLLBACK;
+BEGIN;
+INSERT INTO trace.trace_queue (trade_id, adapter, trade_table, status)
+VALUES (1, 'webhook', 'trades', 'pendng');
+ROLLBACK;
+BEGIN;
+INSERT INTO trace.trace_queue (trade_id, adapter, trade_table) VALUES (1, 'file', 'trades');
+UPDATE trace.trace_queue SET status = 'Delivered' WHERE trade_id = 1;
+ROLLBACK;
+\set VERBOSITY default
+
 -- pg_dump keeps the queue (and its sequence) with the data.
 SELECT extconfig::regclass[] AS dumped_with_data
   FROM pg_extension WHERE extname = 'trace_ext';

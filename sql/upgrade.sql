@@ -134,6 +134,15 @@ SELECT * FROM upgrade_result ORDER BY string_to_array(from_version, '.')::int[];
 SELECT * FROM upgrade_diff
  ORDER BY string_to_array(from_version, '.')::int[], side COLLATE "C", item COLLATE "C";
 
+-- 1.1 -> 1.2 rewrites the WHEN clause of the triggers already attached, and
+-- a trigger its DBA disabled stays disabled.
+DROP EXTENSION trace_ext CASCADE;
+CREATE EXTENSION trace_ext VERSION '1.1';
+ALTER TABLE trades DISABLE TRIGGER trace_ext_enqueue;
+ALTER EXTENSION trace_ext UPDATE TO '1.2';
+SELECT tgenabled, pg_get_triggerdef(oid) AS definition
+  FROM pg_trigger WHERE tgname = 'trace_ext_enqueue';
+
 -- Whatever happened above, leave the default version installed and empty.
 DROP EXTENSION trace_ext CASCADE;
 CREATE EXTENSION trace_ext;

@@ -12,7 +12,7 @@
 --   g % 3 = 2: user 3 (opted in),  signal 12 NULL
 
 BEGIN;
-SELECT plan(20);
+SELECT plan(23);
 
 SELECT is(current_setting('trace.enabled_adapters'), 'myfxbook,webhook',
           'precondition: myfxbook and webhook are enabled, file is not');
@@ -76,9 +76,13 @@ UPDATE trades SET fees = 2.00 WHERE trade_id = 9;
 UPDATE trades SET status = 'PARTIAL' WHERE trade_id = 9;
 SELECT is_empty($$SELECT 1 FROM trace.trace_queue WHERE trade_id = 9$$,
                 'an update that does not close the trade queues nothing');
+UPDATE trades SET status = 'CLOSED' WHERE trade_id = 9;
+SELECT is((SELECT count(*) FROM trace.trace_queue WHERE trade_id = 9), 2::bigint,
+          'a close from a status other than OPEN (PARTIAL) is queued');
 
 UPDATE trades SET status = 'CLOSED' WHERE trade_id = 12;
 UPDATE trades SET fees = 1.30 WHERE trade_id = 12;
+UPDATE trades SET status = 'CLOSED' WHERE trade_id = 12;  -- listed, unchanged
 SELECT is((SELECT count(*) FROM trace.trace_queue WHERE trade_id = 12), 2::bigint,
           'an update of a trade that stays CLOSED (fees made final) queues nothing more');
 
@@ -101,6 +105,24 @@ SELECT is_empty($$SELECT attname FROM pg_attribute
                      AND attname IN ('user_id', 'email', 'name', 'client_id',
                                      'account_number')$$,
                 'the queue has no column for personal data');
+
+-- The WHEN clause lets only rows whose status changed reach the trigger
+-- function, so the application's other writes do not run it at all.
+SET LOCAL track_functions = 'all';
+CREATE TEMP TABLE trigger_calls AS
+SELECT coalesce(sum(calls), 0)::bigint AS n FROM pg_stat_xact_user_functions
+ WHERE funcid = 'trace._on_trade_close()'::regprocedure;
+UPDATE trades SET fees = 3.00 WHERE trade_id IN (12, 27);
+UPDATE trades SET status = status, pnl = 1 WHERE trade_id IN (12, 27);
+UPDATE trades SET status = 'PARTIAL' WHERE trade_id = 27;
+UPDATE trades SET status = 'OPEN' WHERE trade_id = 27;
+SELECT is((SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_xact_user_functions
+            WHERE funcid = 'trace._on_trade_close()'::regprocedure)
+          - (SELECT n FROM trigger_calls),
+          2::bigint,
+          'of 6 row updates, the trigger function ran for the 2 that changed status');
+SELECT is_empty($$SELECT 1 FROM trace.trace_queue WHERE trade_id = 27$$,
+                'status changes that are not a close (OPEN -> PARTIAL -> OPEN) queue nothing');
 
 -- A trigger created by hand, without trace.attach()'s WHEN clause, still
 -- queues only when the status becomes CLOSED.
