@@ -206,6 +206,40 @@ def instruction_counts(cluster):
     return counts
 
 
+CLOSE_RANDOM = """
+CREATE OR REPLACE PROCEDURE pg_temp.close_random(n int, ntrades int) LANGUAGE plpgsql AS $$
+DECLARE
+    tid bigint;
+BEGIN
+    PERFORM setseed(0.5);
+    FOR i IN 1..n LOOP
+        tid := 1 + (random() * (ntrades - 1))::int;
+        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
+                          pnl = 42.10, fees = 1.25 WHERE trade_id = tid;
+        COMMIT;
+    END LOOP;
+END $$"""
+
+
+def wal_per_close(cluster, attached, ntrades, n=20000):
+    """WAL bytes per close over the first n random closes after a
+    checkpoint (full-page images included, as in production); the same
+    trade ids both ways."""
+    cluster.psql(dbname=DB, sql="SELECT trace.%s('trades')"
+                 % ("attach" if attached else "detach"))
+    reset(cluster)
+    conn = cluster.connect(DB)
+    cur = conn.cursor()
+    cur.execute(CLOSE_RANDOM)
+    cur.execute("SELECT pg_current_wal_lsn()")
+    start = cur.fetchone()[0]
+    cur.execute("CALL pg_temp.close_random(%s, %s)", (n, ntrades))
+    cur.execute("SELECT (pg_current_wal_lsn() - %s::pg_lsn) / %s", (start, n))
+    per_close = float(cur.fetchone()[0])
+    conn.close()
+    return per_close
+
+
 def pair_ratios(runs):
     return [w / wo for (w, _), (wo, _) in zip(runs["with"], runs["without"])]
 
@@ -256,6 +290,8 @@ def main():
         cpu = {"without": cpu_per_close(cluster, False, 1)}
         reset(cluster)
         cpu["with"] = cpu_per_close(cluster, True, 1)
+        wal = {"without": wal_per_close(cluster, False, args.trades),
+               "with": wal_per_close(cluster, True, args.trades)}
         ir = instruction_counts(cluster) if use_valgrind else None
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
@@ -284,6 +320,9 @@ def main():
         lines.append("closing backend's CPU per close (best of 5 x 8,000, server-side loop): "
                      "%.1f us without, %.1f us with trace_ext (+%.1f us)"
                      % (cpu["without"], cpu["with"], cpu["with"] - cpu["without"]))
+        lines.append("WAL per close (first 20,000 random closes after a checkpoint): "
+                     "%.0f bytes without, %.0f bytes with trace_ext"
+                     % (wal["without"], wal["with"]))
         if ir:
             for proc, what in (("bench_close", "close"),
                                ("bench_touch", "UPDATE that leaves status alone")):
