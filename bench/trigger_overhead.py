@@ -48,10 +48,42 @@ import tempfile
 from benchlib import (DB, cmd_output, conditions, cpu_seconds, print_block, start_cluster)
 from cluster import PG_BINDIR
 
-SCRIPT = """\\set id random(1, :ntrades)
-UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
-                  pnl = 42.10, fees = 1.25 WHERE trade_id = :id;
-"""
+# The application's close; {id} is the trade id (a pgbench variable, a
+# query parameter or a plpgsql variable).
+CLOSE = ("UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(), "
+         "pnl = 42.10, fees = 1.25 WHERE trade_id = {id}")
+
+SCRIPT = "\\set id random(1, :ntrades)\n" + CLOSE.format(id=":id") + ";\n"
+
+# Server-side loops, one transaction per row like the pgbench clients:
+# closes of a range of trades, closes of random trades (the same ones on
+# every call), and updates that leave status alone.
+PROCEDURES = """
+CREATE PROCEDURE public.bench_close(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        %(close_i)s;
+        COMMIT;
+    END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_close_random(n int, ntrades int) LANGUAGE plpgsql AS $$
+DECLARE
+    tid bigint;
+BEGIN
+    PERFORM setseed(0.5);
+    FOR i IN 1..n LOOP
+        tid := 1 + (random() * (ntrades - 1))::int;
+        %(close_tid)s;
+        COMMIT;
+    END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_touch(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        UPDATE trades SET fees = 1.50 WHERE trade_id = i;
+        COMMIT;
+    END LOOP;
+END $$""" % {"close_i": CLOSE.format(id="i"), "close_tid": CLOSE.format(id="tid")}
 
 
 def reset(cluster):
@@ -91,9 +123,7 @@ def memory_over_closes(cluster, first_id, n):
 
     def close(ids):
         for tid in ids:
-            cur.execute("UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, "
-                        "closed_at = now(), pnl = 42.10, fees = 1.25 WHERE trade_id = %s",
-                        (tid,))
+            cur.execute(CLOSE.format(id="%s"), (tid,))
 
     close(range(first_id, first_id + 1000))          # warm up: plans, caches
     before = sample()
@@ -106,17 +136,6 @@ def memory_over_closes(cluster, first_id, n):
     return before, after, queued
 
 
-CLOSE_MANY = """
-CREATE OR REPLACE PROCEDURE pg_temp.close_many(a bigint, b bigint) LANGUAGE plpgsql AS $$
-BEGIN
-    FOR i IN a..b LOOP
-        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
-                          pnl = 42.10, fees = 1.25 WHERE trade_id = i;
-        COMMIT;
-    END LOOP;
-END $$"""
-
-
 def cpu_per_close(cluster, attached, first, n=8000, repeat=5):
     """The closing backend's own CPU time (utime + stime) per close, one
     transaction each, run server-side (no client round trip): the best of
@@ -125,39 +144,18 @@ def cpu_per_close(cluster, attached, first, n=8000, repeat=5):
     conn = cluster.connect(DB)
     cur = conn.cursor()
     cur.execute("SELECT trace.%s('trades')" % ("attach" if attached else "detach"))
-    cur.execute(CLOSE_MANY)
     cur.execute("SELECT pg_backend_pid()")
     pid = cur.fetchone()[0]
-    cur.execute("CALL pg_temp.close_many(%s, %s)", (first, first + 999))   # warm up
+    cur.execute("CALL public.bench_close(%s, %s)", (first, first + 999))   # warm up
     best = None
     for k in range(repeat):
         lo = first + 1000 + k * n
         c0 = cpu_seconds(pid)
-        cur.execute("CALL pg_temp.close_many(%s, %s)", (lo, lo + n - 1))
+        cur.execute("CALL public.bench_close(%s, %s)", (lo, lo + n - 1))
         us = (cpu_seconds(pid) - c0) * 1e6 / n
         best = us if best is None else min(best, us)
     conn.close()
     return best
-
-
-# The single-user backend runs these (one transaction per row, like the
-# pgbench clients): closes, and updates that leave status alone.
-LOOPS = """
-CREATE PROCEDURE public.bench_close(a bigint, b bigint) LANGUAGE plpgsql AS $$
-BEGIN
-    FOR i IN a..b LOOP
-        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
-                          pnl = 42.10, fees = 1.25 WHERE trade_id = i;
-        COMMIT;
-    END LOOP;
-END $$;
-CREATE PROCEDURE public.bench_touch(a bigint, b bigint) LANGUAGE plpgsql AS $$
-BEGIN
-    FOR i IN a..b LOOP
-        UPDATE trades SET fees = 1.50 WHERE trade_id = i;
-        COMMIT;
-    END LOOP;
-END $$;"""
 
 
 def callgrind_instructions(cluster, proc, n):
@@ -196,29 +194,11 @@ def instructions_per_row(cluster, attached, proc, n1=300, n2=1300):
 
 
 def instruction_counts(cluster):
-    cluster.psql(dbname=DB, sql=LOOPS)
     counts = {}
     for proc in ("bench_close", "bench_touch"):
         for attached in (False, True):
             counts[(proc, attached)] = instructions_per_row(cluster, attached, proc)
-    cluster.psql(dbname=DB, sql="DROP PROCEDURE public.bench_close(bigint, bigint); "
-                                "DROP PROCEDURE public.bench_touch(bigint, bigint)")
     return counts
-
-
-CLOSE_RANDOM = """
-CREATE OR REPLACE PROCEDURE pg_temp.close_random(n int, ntrades int) LANGUAGE plpgsql AS $$
-DECLARE
-    tid bigint;
-BEGIN
-    PERFORM setseed(0.5);
-    FOR i IN 1..n LOOP
-        tid := 1 + (random() * (ntrades - 1))::int;
-        UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(),
-                          pnl = 42.10, fees = 1.25 WHERE trade_id = tid;
-        COMMIT;
-    END LOOP;
-END $$"""
 
 
 def wal_per_close(cluster, attached, ntrades, n=20000):
@@ -230,10 +210,9 @@ def wal_per_close(cluster, attached, ntrades, n=20000):
     reset(cluster)
     conn = cluster.connect(DB)
     cur = conn.cursor()
-    cur.execute(CLOSE_RANDOM)
     cur.execute("SELECT pg_current_wal_lsn()")
     start = cur.fetchone()[0]
-    cur.execute("CALL pg_temp.close_random(%s, %s)", (n, ntrades))
+    cur.execute("CALL public.bench_close_random(%s, %s)", (n, ntrades))
     cur.execute("SELECT (pg_current_wal_lsn() - %s::pg_lsn) / %s", (start, n))
     per_close = float(cur.fetchone()[0])
     conn.close()
@@ -274,6 +253,7 @@ def main():
             SELECT g, 1 + g %% 3, 10, 'ACC-' || g, 'CL-' || g, 'EURUSD', 'buy',
                    1.5, 1.0842, now()
               FROM generate_series(1, %d) g;""" % args.trades)
+        cluster.psql(dbname=DB, sql=PROCEDURES)
         runs = {"without": [], "with": []}
         for r in range(args.rounds):
             order = ("without", "with") if r % 2 == 0 else ("with", "without")
