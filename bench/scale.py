@@ -42,7 +42,8 @@ def claim_stats(cur):
 def claim_sql():
     """The worker's claim statement, as src/queue.c prepares it."""
     src = (REPO / "src" / "queue.c").read_text()
-    body = src.split("claim_plan = keep_plan(", 1)[1].split("3, claim_types)", 1)[0]
+    body = src.split("#define CLAIM_SQL(by_operator_expr)", 1)[1].split("\n\n", 1)[0]
+    body = body.replace("by_operator_expr", '"q.by_operator"')
     return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
 
 

@@ -28,6 +28,7 @@ int			trace_max_retries = 5;
 int			trace_backoff_base_ms = 5000;
 int			trace_backoff_cap_s = 3600;
 int			trace_ttl_s = 7 * 24 * 3600;
+int			trace_reconcile_interval_s = 3600;
 int			trace_http_timeout_ms = 10000;
 char	   *trace_enabled_adapters = NULL;
 char	   *trace_payload_columns = NULL;
@@ -514,6 +515,9 @@ trace_define_gucs(void)
 			   &trace_backoff_cap_s, 3600, 1, 7 * 24 * 3600, PGC_SIGHUP, GUC_UNIT_S);
 	define_int("trace.ttl", "Queue rows older than this are deleted, whatever their status.",
 			   &trace_ttl_s, 7 * 24 * 3600, 1, INT_MAX, PGC_SIGHUP, GUC_UNIT_S);
+	define_int("trace.reconcile_interval",
+			   "How often the worker sweeps for closed trades that no trigger queued (0: never).",
+			   &trace_reconcile_interval_s, 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S);
 	define_int("trace.http_timeout", "Whole-request timeout of a delivery.",
 			   &trace_http_timeout_ms, 10000, 100, 600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
 

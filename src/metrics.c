@@ -4,11 +4,13 @@
  * trace._counters() (behind the trace.metrics view), trace._fail_counters()
  * (failures by reason, for postgres_exporter) and
  * trace.prometheus_metrics() (the Prometheus text exposition format 0.0.4)
- * read the same numbers.  Counters count attempts since the server started
+ * read the same numbers; trace._count_reconciled() is how trace.reconcile()
+ * adds to them.  Counters count attempts since the server started
  * (zero without the preload); the pending gauge comes from the queue.
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -23,6 +25,54 @@ PG_FUNCTION_INFO_V1(trace_counters);
 PG_FUNCTION_INFO_V1(trace_fail_counters);
 PG_FUNCTION_INFO_V1(trace_duration_histogram);
 PG_FUNCTION_INFO_V1(trace_prometheus_metrics);
+PG_FUNCTION_INFO_V1(trace_count_reconciled);
+
+/*
+ * Rows trace.reconcile() queued in the current transaction, per adapter:
+ * added to the shared counters when it commits, forgotten if it aborts.
+ */
+static uint64 reconciled_pending[TRACE_NUM_ADAPTERS];
+static bool reconciled_callback = false;
+
+static void
+reconciled_at_end(XactEvent event, void *arg)
+{
+	if (event != XACT_EVENT_COMMIT && event != XACT_EVENT_PARALLEL_COMMIT &&
+		event != XACT_EVENT_ABORT && event != XACT_EVENT_PARALLEL_ABORT)
+		return;
+	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+	{
+		if (reconciled_pending[a] > 0 &&
+			(event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT))
+			trace_metrics_count_reconciled(a, reconciled_pending[a]);
+		reconciled_pending[a] = 0;
+	}
+}
+
+/*
+ * trace._count_reconciled(adapter, n): trace.reconcile() counts the rows it
+ * queued (trust_trace_reconciled_total), once its transaction commits.
+ */
+Datum
+trace_count_reconciled(PG_FUNCTION_ARGS)
+{
+	char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	int64		n = PG_GETARG_INT64(1);
+	int			kind = trace_adapter_from_name(name);
+
+	if (kind < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("trace_ext: unknown adapter \"%s\"", name)));
+	if (!reconciled_callback)
+	{
+		RegisterXactCallback(reconciled_at_end, NULL);
+		reconciled_callback = true;
+	}
+	if (n > 0)
+		reconciled_pending[kind] += (uint64) n;
+	PG_RETURN_VOID();
+}
 
 /* trace._counters(): one row per adapter kind. */
 Datum
@@ -170,6 +220,12 @@ trace_prometheus_metrics(PG_FUNCTION_ARGS)
 			appendStringInfo(&buf, "trust_trace_fail_total{adapter=\"%s\",reason=\"%s\"} " UINT64_FORMAT "\n",
 							 trace_adapter_name(a), trace_reason_name(r),
 							 m[a].failed_by_reason[r]);
+
+	family(&buf, "trust_trace_reconciled_total", "counter",
+		   "Closed trades that no trigger had queued, found and queued by trace.reconcile(), since server start.");
+	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		appendStringInfo(&buf, "trust_trace_reconciled_total{adapter=\"%s\"} " UINT64_FORMAT "\n",
+						 trace_adapter_name(a), m[a].reconciled);
 
 	family(&buf, "trust_trace_queue_pending", "gauge",
 		   "Queue rows pending or being sent.");

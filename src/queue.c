@@ -22,6 +22,7 @@
 #include "pgstat.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -32,6 +33,17 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr cancel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
+
+/*
+ * The claim statement depends on the queue's columns (by_operator is new in
+ * 1.3; the library must work with the objects of every older version until
+ * ALTER EXTENSION UPDATE has run).  Any change to the queue table makes the
+ * claim plans be prepared again, reading the columns anew.
+ */
+static Oid	queue_relid = InvalidOid;
+static bool queue_has_by_operator = false;
+static bool claim_plans_stale = false;
+static bool queue_callback_registered = false;
 
 /* Longest Retry-After honoured: a tracker cannot park a row forever. */
 #define MAX_RETRY_AFTER_S	(24 * 3600)
@@ -131,37 +143,99 @@ trace_queue_release_orphans(void)
 	end_tx();
 }
 
+/*
+ * The claim: due rows, oldest first, locked with SKIP LOCKED (workers never
+ * wait on each other) and leased.  by_operator_expr is q.by_operator, or
+ * false for a queue older than 1.3.  (e2e 08_crash and bench/scale.py run
+ * this statement as written here.)
+ */
+#define CLAIM_SQL(by_operator_expr) \
+	"WITH due AS (" \
+	"  SELECT id FROM trace.trace_queue " \
+	"   WHERE status IN ('pending', 'sending') AND due_at <= now() " \
+	"     AND adapter <> ALL ($3) " \
+	"   ORDER BY due_at LIMIT $1 " \
+	"   FOR UPDATE SKIP LOCKED) " \
+	"UPDATE trace.trace_queue q " \
+	"   SET status = 'sending', attempts = q.attempts + 1, " \
+	"       due_at = now() + make_interval(secs => $2), " \
+	"       lease_owner = pg_backend_pid() " \
+	"  FROM due WHERE q.id = due.id " \
+	"RETURNING q.id, q.trade_id, q.adapter, q.attempts, " \
+	"          q.created_at, q.trade_table::oid, " \
+	by_operator_expr " AS by_operator"
+
+static void
+queue_changed(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == queue_relid)
+		claim_plans_stale = true;
+}
+
+/* Read the queue's shape: its oid, and whether it has by_operator. */
+static void
+read_queue_shape(void)
+{
+	bool		isnull;
+
+	if (SPI_execute("SELECT 'trace.trace_queue'::pg_catalog.regclass::pg_catalog.oid, "
+					"       EXISTS (SELECT 1 FROM pg_catalog.pg_attribute "
+					"                WHERE attrelid = 'trace.trace_queue'::pg_catalog.regclass "
+					"                  AND attname = 'by_operator' AND NOT attisdropped)",
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "trace_ext: could not read the queue's columns");
+	queue_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+												 SPI_tuptable->tupdesc, 1, &isnull));
+	queue_has_by_operator = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 2,
+													   &isnull));
+}
+
+static void
+free_claim_plans(void)
+{
+	SPIPlanPtr *plans[] = {&claim_plan, &next_due_plan, &cancel_plan};
+
+	for (int i = 0; i < lengthof(plans); i++)
+		if (*plans[i] != NULL)
+		{
+			SPI_freeplan(*plans[i]);
+			*plans[i] = NULL;
+		}
+}
+
 static void
 prepare_claim_plans(void)
 {
 	Oid			claim_types[3] = {INT4OID, FLOAT8OID, TEXTARRAYOID};
-	Oid			cancel_types[1] = {INT8ARRAYOID};
+	Oid			cancel_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 
+	if (!queue_callback_registered)
+	{
+		CacheRegisterRelcacheCallback(queue_changed, (Datum) 0);
+		queue_callback_registered = true;
+	}
+	if (claim_plans_stale)
+	{
+		free_claim_plans();
+		claim_plans_stale = false;
+	}
 	if (claim_plan != NULL)
 		return;
-	claim_plan = keep_plan(
-						   "WITH due AS ("
-						   "  SELECT id FROM trace.trace_queue "
-						   "   WHERE status IN ('pending', 'sending') AND due_at <= now() "
-						   "     AND adapter <> ALL ($3) "
-						   "   ORDER BY due_at LIMIT $1 "
-						   "   FOR UPDATE SKIP LOCKED) "
-						   "UPDATE trace.trace_queue q "
-						   "   SET status = 'sending', attempts = q.attempts + 1, "
-						   "       due_at = now() + make_interval(secs => $2), "
-						   "       lease_owner = pg_backend_pid() "
-						   "  FROM due WHERE q.id = due.id "
-						   "RETURNING q.id, q.trade_id, q.adapter, q.attempts, "
-						   "          q.created_at, q.trade_table::oid",
+	read_queue_shape();
+	claim_plan = keep_plan(queue_has_by_operator ?
+						   CLAIM_SQL("q.by_operator") : CLAIM_SQL("false"),
 						   3, claim_types);
 	next_due_plan = keep_plan("SELECT min(due_at) FROM trace.trace_queue "
 							  " WHERE status IN ('pending', 'sending')",
 							  0, NULL);
-	cancel_plan = keep_plan("UPDATE trace.trace_queue "
-							"   SET status = 'cancelled', attempts = attempts - 1, "
-							"       lease_owner = NULL "
-							" WHERE id = ANY ($1) AND status = 'sending'",
-							1, cancel_types);
+	cancel_plan = keep_plan("UPDATE trace.trace_queue q "
+							"   SET status = 'cancelled', attempts = q.attempts - 1, "
+							"       lease_owner = NULL, last_error = c.reason, "
+							"       last_http_status = NULL "
+							"  FROM unnest($1, $2) AS c(id, reason) "
+							" WHERE q.id = c.id AND q.status = 'sending'",
+							2, cancel_types);
 }
 
 static void
@@ -184,32 +258,41 @@ read_claimed(TraceItem *items, int n)
 		item->attempts = DatumGetInt32(SPI_getbinval(row, tt->tupdesc, 4, &isnull));
 		item->created_at = DatumGetTimestampTz(SPI_getbinval(row, tt->tupdesc, 5, &isnull));
 		item->trade_table = DatumGetObjectId(SPI_getbinval(row, tt->tupdesc, 6, &isnull));
+		item->by_operator = DatumGetBool(SPI_getbinval(row, tt->tupdesc, 7, &isnull));
 		item->out.retry_after = -1;
 	}
 }
 
+/* Cancel the items the payload builder turned down, each with its reason. */
 static void
 cancel_items(TraceItem *items, int n)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	const char **reasons = palloc(sizeof(char *) * Max(n, 1));
 	int			ncancel = 0;
-	Datum		values[1];
+	Datum		values[2];
 
 	for (int i = 0; i < n; i++)
 		if (items[i].cancelled)
-			ids[ncancel++] = Int64GetDatum(items[i].id);
+		{
+			ids[ncancel] = Int64GetDatum(items[i].id);
+			reasons[ncancel++] = items[i].cancelled;
+		}
 	if (ncancel == 0)
 		return;
 	values[0] = PointerGetDatum(construct_array(ids, ncancel, INT8OID, 8,
 												true, TYPALIGN_DOUBLE));
+	values[1] = PointerGetDatum(text_array(reasons, NULL, ncancel));
 	if (SPI_execute_plan(cancel_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "trace_ext: could not cancel rows");
 }
 
 /*
  * Claim up to max_rows due rows, skipping adapters marked saturated, and
- * build their payloads from the trades as they are now.  Rows whose trade
- * is no longer CLOSED are cancelled in the same transaction.  *items is
+ * build their payloads from the trades as they are now.  Rows that may
+ * not be sent any more (the trade is no longer CLOSED, its trader withdrew
+ * consent, its signal no longer lists the tracker, ...: see payload.c) are
+ * cancelled in the same transaction, with the reason in last_error.  *items is
  * allocated in the caller's memory context.  When fewer rows than asked
  * for were due, *next_due is the earliest due_at left (DT_NOEND if none).
  */
@@ -432,4 +515,34 @@ trace_queue_cleanup(TimestampTz *oldest)
 	*oldest = isnull ? DT_NOEND : DatumGetTimestampTz(d);
 	end_tx();
 	return deleted;
+}
+
+/*
+ * The worker's reconciliation sweep: trace.reconcile() over the TTL window
+ * (it logs a WARNING and notifies trace_alert itself when it queues
+ * anything).  Returns the rows queued; -1 when the installed extension is
+ * older than 1.3 and has no trace.reconcile() yet.
+ */
+int64
+trace_queue_reconcile(void)
+{
+	int64		queued = -1;
+	bool		isnull;
+
+	begin_tx("trace_ext: reconciling closed trades with the queue");
+	if (SPI_execute("SELECT pg_catalog.to_regprocedure("
+					"'trace.reconcile(timestamptz, boolean)') IS NOT NULL",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not look for trace.reconcile()");
+	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+								   &isnull)))
+	{
+		if (SPI_execute("SELECT pg_catalog.count(*) FROM trace.reconcile()",
+						false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "trace_ext: reconciliation failed");
+		queued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	end_tx();
+	return queued;
 }

@@ -34,6 +34,7 @@ typedef struct TraceCounters
 	pg_atomic_uint64 duration_count;
 	pg_atomic_uint64 duration_sum_us;
 	pg_atomic_uint64 buckets[NUM_BUCKETS];	/* not cumulative */
+	pg_atomic_uint64 reconciled;
 } TraceCounters;
 
 typedef struct TraceShared
@@ -89,6 +90,7 @@ shmem_startup(void)
 			pg_atomic_init_u64(&c->duration_sum_us, 0);
 			for (int b = 0; b < NUM_BUCKETS; b++)
 				pg_atomic_init_u64(&c->buckets[b], 0);
+			pg_atomic_init_u64(&c->reconciled, 0);
 		}
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -237,6 +239,14 @@ trace_metrics_count(const TraceItem *item)
 	}
 }
 
+/* Count rows that trace.reconcile() queued for an adapter. */
+void
+trace_metrics_count_reconciled(TraceAdapterKind kind, uint64 n)
+{
+	if (shared != NULL)
+		pg_atomic_fetch_add_u64(&shared->counters[kind].reconciled, n);
+}
+
 /*
  * The counters of one adapter (zeros without shared memory).  Buckets are
  * returned cumulative, read before the count, so that every bucket is at
@@ -253,6 +263,7 @@ trace_metrics_snapshot(TraceAdapterKind kind, TraceMetrics *m)
 		return;
 	c = &shared->counters[kind];
 	m->pushed = pg_atomic_read_u64(&c->pushed);
+	m->reconciled = pg_atomic_read_u64(&c->reconciled);
 	for (int r = 0; r < TRACE_NUM_REASONS; r++)
 	{
 		m->failed_by_reason[r] = pg_atomic_read_u64(&c->failed[r]);

@@ -75,7 +75,11 @@ typedef struct TraceItem
 	int			attempts;		/* including the one in progress */
 	TimestampTz created_at;
 	Oid			trade_table;
-	bool		cancelled;		/* trade no longer CLOSED: not sent */
+	bool		by_operator;	/* queued by trace.enqueue() with explicit
+								 * adapters: the signal's list is not
+								 * consulted */
+	const char *cancelled;		/* why it is not sent (a fixed text, no
+								 * personal data), or NULL */
 	char	   *payload;		/* the allowlisted JSON, or NULL */
 	TraceOutcome out;
 } TraceItem;
@@ -90,6 +94,7 @@ extern int	trace_max_retries;
 extern int	trace_backoff_base_ms;
 extern int	trace_backoff_cap_s;
 extern int	trace_ttl_s;
+extern int	trace_reconcile_interval_s;
 extern int	trace_http_timeout_ms;
 extern char *trace_enabled_adapters;
 extern char *trace_payload_columns;
@@ -146,11 +151,13 @@ typedef struct TraceMetrics
 	uint64		buckets[TRACE_NUM_BUCKETS]; /* cumulative */
 	uint64		count;
 	double		sum;
+	uint64		reconciled;		/* rows queued by trace.reconcile() */
 } TraceMetrics;
 
 extern const double trace_duration_buckets[TRACE_NUM_BUCKETS];
 extern void trace_metrics_count(const TraceItem *item);
 extern void trace_metrics_snapshot(TraceAdapterKind kind, TraceMetrics *m);
+extern void trace_metrics_count_reconciled(TraceAdapterKind kind, uint64 n);
 
 /* ---- trigger.c ---- */
 extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
@@ -164,6 +171,7 @@ extern int	trace_queue_claim(int max_rows, const bool *saturated,
 							  TraceItem **items, TimestampTz *next_due);
 extern TimestampTz trace_queue_record(TraceItem **items, int n);
 extern int64 trace_queue_cleanup(TimestampTz *oldest);
+extern int64 trace_queue_reconcile(void);
 extern bool trace_extension_present(void);
 
 /* ---- payload.c: called inside the claim transaction ---- */

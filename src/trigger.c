@@ -1,8 +1,11 @@
 /*
  * trigger.c: putting closed trades on the queue.
  *
- * trace._on_trade_close() is the AFTER UPDATE trigger that trace.attach()
- * installs; trace.enqueue() is the operator's backfill.  Both end in one
+ * trace._on_trade_close() is the AFTER UPDATE and AFTER INSERT trigger that
+ * trace.attach() installs (an INSERT covers a row written already CLOSED:
+ * INSERT, COPY, the insert half of an upsert or MERGE, and an UPDATE that
+ * moves the row to another partition, which PostgreSQL runs as DELETE +
+ * INSERT); trace.enqueue() is the operator's backfill.  Both end in one
  * prepared INSERT ... ON CONFLICT that queues one row per adapter for an
  * opted-in user.  This runs inside the application's transaction: it does
  * O(1) work, never touches the network, copies no personal data, and asks
@@ -10,8 +13,10 @@
  */
 #include "postgres.h"
 
+#include "access/relation.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/partition.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -27,6 +32,7 @@
 
 PG_FUNCTION_INFO_V1(trace_on_trade_close);
 PG_FUNCTION_INFO_V1(trace_enqueue);
+PG_FUNCTION_INFO_V1(trace_enabled_adapters_fn);
 
 /*
  * Prepared enqueue statements, one per trades table and key types.  A
@@ -37,6 +43,7 @@ typedef struct EnqueuePlan
 	Oid			relid;
 	Oid			nspid;
 	Oid			types[3];		/* trade_id, user_id, signal_id */
+	bool		mark_operator;	/* sets trace_queue.by_operator */
 	SPIPlanPtr	plan;
 } EnqueuePlan;
 
@@ -55,8 +62,14 @@ static OverrideSearchPath catalog_only = {NIL, true, false, 0};
 static EnqueuePlan plans[MAX_PLANS];
 static int	nplans = 0;
 
+/*
+ * The statement that queues a trade.  mark_operator: the rows are the
+ * operator's explicit choice (trace.enqueue with adapters), which the
+ * worker's consent check at send time must know; queues from 1.3 on have
+ * the by_operator column, and the trigger's rows keep its default, false.
+ */
 static SPIPlanPtr
-prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
+prepare_enqueue(Oid relid, Oid nspid, const Oid *types, bool mark_operator)
 {
 	const char *nsp = quote_identifier(get_namespace_name(nspid));
 	StringInfoData sql;
@@ -65,8 +78,8 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
 
 	initStringInfo(&sql);
 	appendStringInfo(&sql,
-					 "INSERT INTO trace.trace_queue AS q (trade_id, adapter, trade_table, due_at) "
-					 "SELECT $1, a.name, $4, $5 "
+					 "INSERT INTO trace.trace_queue AS q (trade_id, adapter, trade_table, due_at%s) "
+					 "SELECT $1, a.name, $4, $5%s "
 					 "  FROM unnest($6) AS a(name) "
 					 " WHERE EXISTS (SELECT 1 FROM %s.users u "
 					 "                WHERE u.user_id = $2 AND u.tracing_enabled) "
@@ -76,9 +89,12 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
 					 "ON CONFLICT (trade_id, adapter) DO UPDATE "
 					 "   SET status = 'pending', attempts = 0, due_at = EXCLUDED.due_at, "
 					 "       lease_owner = NULL, last_error = NULL, last_http_status = NULL, "
-					 "       delivered_at = NULL, created_at = now() "
+					 "       delivered_at = NULL, created_at = now()%s "
 					 " WHERE q.status = 'cancelled'",
-					 nsp, nsp);
+					 mark_operator ? ", by_operator" : "",
+					 mark_operator ? ", true" : "",
+					 nsp, nsp,
+					 mark_operator ? ", by_operator = true" : "");
 
 	argtypes[0] = types[0];
 	argtypes[1] = types[1];
@@ -103,7 +119,7 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types)
 }
 
 static SPIPlanPtr
-enqueue_plan(Oid relid, const Oid *types)
+enqueue_plan(Oid relid, const Oid *types, bool mark_operator)
 {
 	Oid			nspid = get_rel_namespace(relid);
 
@@ -112,6 +128,7 @@ enqueue_plan(Oid relid, const Oid *types)
 		EnqueuePlan *p = &plans[i];
 
 		if (p->relid == relid && p->nspid == nspid &&
+			p->mark_operator == mark_operator &&
 			memcmp(p->types, types, sizeof(p->types)) == 0)
 			return p->plan;
 	}
@@ -126,7 +143,8 @@ enqueue_plan(Oid relid, const Oid *types)
 	plans[nplans].relid = relid;
 	plans[nplans].nspid = nspid;
 	memcpy(plans[nplans].types, types, sizeof(plans[nplans].types));
-	plans[nplans].plan = prepare_enqueue(relid, nspid, types);
+	plans[nplans].mark_operator = mark_operator;
+	plans[nplans].plan = prepare_enqueue(relid, nspid, types, mark_operator);
 	return plans[nplans++].plan;
 }
 
@@ -156,6 +174,25 @@ enabled_adapters_array(void)
 	return adapters_array(want);
 }
 
+/* trace._enabled_adapters(): trace.enabled_adapters as a text[], maybe empty. */
+Datum
+trace_enabled_adapters_fn(PG_FUNCTION_ARGS)
+{
+	ArrayType  *result = enabled_adapters_array();
+
+	PG_RETURN_ARRAYTYPE_P(result ? result : construct_empty_array(TEXTOID));
+}
+
+/* Does this database's queue record who queued a row (1.3 on)? */
+static bool
+queue_has_by_operator(void)
+{
+	Oid			nsp = get_namespace_oid("trace", true);
+	Oid			queue = OidIsValid(nsp) ? get_relname_relid("trace_queue", nsp) : InvalidOid;
+
+	return OidIsValid(queue) && get_attnum(queue, "by_operator") != InvalidAttrNumber;
+}
+
 /*
  * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
  * (signal's adapters that are enabled); otherwise exactly those adapters, each
@@ -173,6 +210,7 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	ArrayType  *adapters = explicit_adapters;
 	Datum		values[7];
 	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	bool		mark_operator;
 	TimestampTz due;
 	int			rc;
 
@@ -180,6 +218,7 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 		adapters = enabled_adapters_array();
 	if (adapters == NULL || user_null)
 		return 0;
+	mark_operator = explicit_adapters != NULL && queue_has_by_operator();
 
 	values[0] = trade_id;
 	values[1] = user_id;
@@ -203,8 +242,8 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	trace_enqueuing = true;
 	PG_TRY();
 	{
-		rc = SPI_execute_plan(enqueue_plan(trade_table, types), values, nulls,
-							  false, 0);
+		rc = SPI_execute_plan(enqueue_plan(trade_table, types, mark_operator),
+							  values, nulls, false, 0);
 	}
 	PG_FINALLY();
 	{
@@ -246,7 +285,45 @@ status_is_closed(Relation rel, HeapTuple tuple)
 	return status != NULL && strcmp(status, "CLOSED") == 0;
 }
 
-/* The trigger: AFTER UPDATE FOR EACH ROW; queues a trade whose status became CLOSED. */
+/*
+ * The table trace.attach() was called on.  For a partition whose trigger
+ * was cloned from a partitioned table's, that is the ancestor holding the
+ * original trigger: the queue refers to it, so that the worker finds the
+ * trade (and users and signals beside it) whichever partition the row
+ * lives in by then.
+ */
+static Oid
+attached_table(Relation rel, const Trigger *trigger)
+{
+	List	   *ancestors;
+	ListCell   *lc;
+
+	if (!trigger->tgisclone || !rel->rd_rel->relispartition)
+		return RelationGetRelid(rel);
+
+	ancestors = get_partition_ancestors(RelationGetRelid(rel));
+	foreach(lc, ancestors)
+	{
+		Relation	parent = relation_open(lfirst_oid(lc), AccessShareLock);
+		TriggerDesc *desc = parent->trigdesc;
+		bool		original = false;
+		Oid			relid = RelationGetRelid(parent);
+
+		for (int i = 0; desc != NULL && i < desc->numtriggers; i++)
+			if (strcmp(desc->triggers[i].tgname, trigger->tgname) == 0)
+				original = !desc->triggers[i].tgisclone;
+		relation_close(parent, AccessShareLock);
+		if (original)
+			return relid;
+	}
+	return RelationGetRelid(rel);
+}
+
+/*
+ * The trigger: AFTER INSERT or AFTER UPDATE, FOR EACH ROW; queues a trade
+ * that is CLOSED now and was not before (an inserted row was nothing
+ * before).
+ */
 Datum
 trace_on_trade_close(PG_FUNCTION_ARGS)
 {
@@ -266,23 +343,34 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 	if (!CALLED_AS_TRIGGER(fcinfo) ||
 		!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
-		!TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		!(TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event) ||
+		  TRIGGER_FIRED_BY_INSERT(trigdata->tg_event)))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("trace._on_trade_close() must be an AFTER UPDATE FOR EACH ROW trigger"),
+				 errmsg("trace._on_trade_close() must be an AFTER INSERT or AFTER UPDATE FOR EACH ROW trigger"),
 				 errhint("Use trace.attach() to install it.")));
 
 	rel = trigdata->tg_relation;
-	newtuple = trigdata->tg_newtuple;
 
 	/*
-	 * trace.attach()'s WHEN clause lets only rows whose status changed get
-	 * here (the cheapest test PostgreSQL can rebuild at every UPDATE
-	 * statement); whether it changed to CLOSED is decided here.
+	 * trace.attach()'s WHEN clauses let only rows whose status changed (an
+	 * UPDATE) or is CLOSED (an INSERT) get here: the cheapest tests
+	 * PostgreSQL can rebuild at every statement.  Whether an update changed
+	 * it to CLOSED is decided here.
 	 */
-	if (!status_is_closed(rel, newtuple) ||
-		status_is_closed(rel, trigdata->tg_trigtuple))
-		return PointerGetDatum(NULL);
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		newtuple = trigdata->tg_newtuple;
+		if (!status_is_closed(rel, newtuple) ||
+			status_is_closed(rel, trigdata->tg_trigtuple))
+			return PointerGetDatum(NULL);
+	}
+	else
+	{
+		newtuple = trigdata->tg_trigtuple;
+		if (!status_is_closed(rel, newtuple))
+			return PointerGetDatum(NULL);
+	}
 
 	trade_id = trade_column(rel, newtuple, "trade_id", &trade_type, &trade_null);
 	user_id = trade_column(rel, newtuple, "user_id", &user_type, &user_null);
@@ -291,8 +379,8 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 		return PointerGetDatum(NULL);
 
 	SPI_connect();
-	trace_enqueue_trade(RelationGetRelid(rel), trade_id, trade_type,
-						user_id, user_type, user_null,
+	trace_enqueue_trade(attached_table(rel, trigdata->tg_trigger),
+						trade_id, trade_type, user_id, user_type, user_null,
 						signal_id, signal_type, signal_null, NULL);
 	SPI_finish();
 
@@ -396,7 +484,7 @@ trace_enqueue(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	if (SPI_execute("SELECT t.tgrelid FROM pg_catalog.pg_trigger t "
-					" WHERE t.tgname = 'trace_ext_enqueue' "
+					" WHERE t.tgname = 'trace_ext_enqueue' AND t.tgparentid = 0 "
 					"   AND t.tgfoid = 'trace._on_trade_close()'::pg_catalog.regprocedure "
 					" ORDER BY 1", true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "trace_ext: could not list attached tables");

@@ -62,6 +62,9 @@ static ResourceOwner adapter_owner = NULL;
 /* When trace.cleanup() may next find rows older than trace.ttl; 0: now. */
 static TimestampTz next_cleanup = 0;
 
+/* When the next reconciliation sweep is due; 0: now, DT_NOEND: never. */
+static TimestampTz next_reconcile = 0;
+
 void
 trace_register_workers(void)
 {
@@ -83,6 +86,22 @@ trace_register_workers(void)
 	}
 }
 
+/*
+ * The next sweep, trace.reconcile_interval after `from` (never when 0).
+ * Only the first worker sweeps: the others would find nothing more.
+ */
+static int	my_slot = 0;
+
+static void
+schedule_reconcile(TimestampTz from)
+{
+	if (trace_reconcile_interval_s == 0 || my_slot != 0)
+		next_reconcile = DT_NOEND;
+	else
+		next_reconcile = TimestampTzPlusMilliseconds(from,
+													 (int64) trace_reconcile_interval_s * 1000);
+}
+
 static void
 reload_if_asked(void)
 {
@@ -92,6 +111,7 @@ reload_if_asked(void)
 		ProcessConfigFile(PGC_SIGHUP);
 		trace_secrets_load();
 		next_cleanup = 0;		/* trace.ttl may have changed */
+		schedule_reconcile(GetCurrentTimestamp());	/* and the interval */
 	}
 }
 
@@ -378,6 +398,36 @@ cleanup_if_due(void)
 }
 
 /*
+ * Run the reconciliation sweep when it is due: at start (closes missed
+ * while no worker ran), then every trace.reconcile_interval.
+ */
+static void
+reconcile_if_due(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (now < next_reconcile)
+		return;
+	schedule_reconcile(now);
+	PG_TRY();
+	{
+		int64		queued = trace_queue_reconcile();
+
+		if (queued >= 0)
+			ereport(DEBUG1,
+					(errmsg("trace_ext: reconciliation sweep queued " INT64_FORMAT " rows",
+							queued)));
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+	}
+	PG_END_TRY();
+}
+
+/*
  * Sleep up to timeout_ms, or until our latch is set; then obey signals.
  * Returns whether the latch is set (left set: the caller resets it before
  * looking for work, so that no wakeup is lost).
@@ -518,6 +568,9 @@ trace_worker_main(Datum arg)
 
 	trace_is_worker = true;
 	trace_worker_slot_attach(slot);
+	my_slot = slot;
+	if (my_slot != 0)
+		next_reconcile = DT_NOEND;
 	connect_to_database();
 	pgstat_report_appname("trace_ext worker");
 
@@ -557,8 +610,9 @@ trace_worker_main(Datum arg)
 			next_due = run_pass_guarded(&extension_ok);
 		}
 		cleanup_if_due();
+		reconcile_if_due();
 		/* rows due later than next_due need not wake us (see wake.c) */
 		trace_publish_wake_at(next_due);
-		woken = sleep_until(Min(next_due, next_cleanup));
+		woken = sleep_until(Min(Min(next_due, next_cleanup), next_reconcile));
 	}
 }

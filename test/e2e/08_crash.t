@@ -519,11 +519,12 @@ try:
         # must neither wait for it nor get any of its rows.
         src = (Path(__file__).resolve().parents[2] / "src" / "queue.c").read_text()
         claim_sql = None
-        for m in re.finditer(r"keep_plan\((.*?)\);", src, re.S):
-            lits = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(1))
-            text = "".join(lits)
-            if "SKIP LOCKED" in text:
-                claim_sql = text
+        m = re.search(r"#define CLAIM_SQL\(by_operator_expr\)(.*?)\n\n", src, re.S)
+        if m:
+            body = m.group(1).replace("by_operator_expr", '"q.by_operator"')
+            claim_sql = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
+            if "SKIP LOCKED" not in claim_sql:
+                claim_sql = None
         t.ok(claim_sql and "$1" in claim_sql,
              "the claim statement was found in src/queue.c", repr(claim_sql))
         env.cluster.create_database("claimtest")
@@ -590,6 +591,15 @@ try:
         samples, bad = 0, []
         mon = env.cluster.connect("trades")
         mcur = mon.cursor()
+        # The workers woken by the close may still be ending the short
+        # claim that found the rows already taken: wait until all three
+        # are idle once (a condition, not a sleep), then sample.  From then
+        # on nothing wakes them until the hanging requests end.
+        settled = wait_until(lambda: mcur.execute(
+            "SELECT count(*) FILTER (WHERE state = 'idle' AND backend_xmin IS NULL) "
+            "  FROM pg_stat_activity WHERE backend_type = 'trace_ext worker'")
+            or mcur.fetchone()[0] == 3, 5)
+        t.ok(settled, "all three workers idle while the 40 requests hang")
         for _ in range(200):
             mcur.execute("SELECT pid, backend_xmin::text, backend_xid::text, state, query "
                          "FROM pg_stat_activity WHERE backend_type = 'trace_ext worker'")
