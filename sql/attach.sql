@@ -10,7 +10,7 @@ CREATE TEMP VIEW attached AS
 SELECT tgrelid::regclass AS "table", tgname
   FROM pg_trigger
  WHERE tgfoid = 'trace._on_trade_close()'::regprocedure
- ORDER BY tgrelid::regclass::text COLLATE "C";
+ ORDER BY tgrelid::regclass::text COLLATE "C", tgname COLLATE "C";
 
 SELECT * FROM attached;
 

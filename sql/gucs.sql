@@ -17,7 +17,8 @@ SELECT coalesce(i.name, s.name) AS name,
   FROM (VALUES ('trace.database'), ('trace.workers'), ('trace.delay'),
                ('trace.batch_size'), ('trace.poll_interval'), ('trace.max_retries'),
                ('trace.retry_backoff_base'), ('trace.retry_backoff_cap'),
-               ('trace.ttl'), ('trace.http_timeout'), ('trace.enabled_adapters'),
+               ('trace.ttl'), ('trace.reconcile_interval'), ('trace.http_timeout'),
+               ('trace.enabled_adapters'),
                ('trace.payload_columns'), ('trace.myfxbook_webhook_url'),
                ('trace.myfxbook_webhook_token'), ('trace.webhook_endpoint'),
                ('trace.webhook_auth_header'), ('trace.webhook_auth_token'),
@@ -45,6 +46,7 @@ SHOW trace.max_retries;
 SHOW trace.retry_backoff_base;
 SHOW trace.retry_backoff_cap;
 SHOW trace.ttl;
+SHOW trace.reconcile_interval;
 SHOW trace.http_timeout;
 SHOW trace.enabled_adapters;
 SHOW trace.payload_columns;
@@ -81,6 +83,7 @@ ALTER SYSTEM SET trace.poll_interval = '100ms';
 ALTER SYSTEM SET trace.ttl = '2d';
 ALTER SYSTEM SET trace.retry_backoff_base = '1500ms';
 ALTER SYSTEM SET trace.http_timeout = '2s';
+ALTER SYSTEM SET trace.reconcile_interval = '15min';
 SELECT pg_reload_conf();
 \c
 SHOW trace.delay;
@@ -88,9 +91,11 @@ SHOW trace.poll_interval;
 SHOW trace.ttl;
 SHOW trace.retry_backoff_base;
 SHOW trace.http_timeout;
+SHOW trace.reconcile_interval;
 SELECT name, setting, unit FROM pg_settings
  WHERE name IN ('trace.delay', 'trace.poll_interval', 'trace.ttl',
-                'trace.retry_backoff_base', 'trace.http_timeout')
+                'trace.retry_backoff_base', 'trace.http_timeout',
+                'trace.reconcile_interval')
  ORDER BY name COLLATE "C";
 
 ALTER SYSTEM SET trace.delay = '0';
@@ -113,6 +118,8 @@ ALTER SYSTEM SET trace.delay = '-5s';
 ALTER SYSTEM SET trace.delay = 'soon';
 ALTER SYSTEM SET trace.poll_interval = '0';
 ALTER SYSTEM SET trace.max_retries = -1;
+ALTER SYSTEM SET trace.reconcile_interval = '-1s';
+ALTER SYSTEM SET trace.reconcile_interval = 'hourly';
 ALTER SYSTEM SET trace.enabled_adapters = 'foo';
 ALTER SYSTEM SET trace.enabled_adapters = 'webhook,foo';
 ALTER SYSTEM SET trace.webhook_endpoint = 'file:///etc/passwd';
