@@ -36,6 +36,8 @@ COMMENT ON FUNCTION trace._on_trade_close() IS
 CREATE FUNCTION trace._enabled_adapters() RETURNS text[]
     LANGUAGE c STABLE STRICT AS 'MODULE_PATHNAME', 'trace_enabled_adapters_fn';
 
+REVOKE ALL ON FUNCTION trace._enabled_adapters() FROM PUBLIC;
+
 COMMENT ON FUNCTION trace._enabled_adapters() IS
     'trace.enabled_adapters as an array';
 
@@ -174,6 +176,8 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON FUNCTION trace.detach(regclass) FROM PUBLIC;
+
 COMMENT ON FUNCTION trace.detach(regclass) IS
     'remove the trace_ext triggers from a trades table';
 
@@ -212,24 +216,36 @@ $$;
 CREATE FUNCTION trace._send_verdict(id bigint) RETURNS text
     LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_send_verdict';
 
+REVOKE ALL ON FUNCTION trace._send_verdict(bigint) FROM PUBLIC;
+
 COMMENT ON FUNCTION trace._send_verdict(bigint) IS
     'NULL if the worker would send this queue row now, else why not (the worker''s own check)';
 
 /* ------------------------------------------------------------------------
- * Reconciliation.  trace.cleanup() deletes rows older than trace.ttl; a
- * sweep must never queue such a trade again.  Two small tables remember
- * what it deleted: the horizon (no sweep looks at trades closed before
- * it), and the few deleted rows whose trade closed after it (its
- * closed_at later than the row's created_at), until the horizon passes
- * them.  Both are dumped with the queue.
+ * Reconciliation never looks before its horizon:
+ *  - 'installed': when the extension was installed (closes before it are
+ *    history, not holes) or, for an update from 1.2, the oldest queue row
+ *    then (what came before may have been deleted by trace.ttl);
+ *  - 'cleaned': the latest cutoff of trace.cleanup(): rows created before
+ *    it are gone, and their trades must not look unqueued.
+ * The horizon is the later of the earliest 'installed' and the latest
+ * 'cleaned'.  The table is dumped with the queue (a restore adds its own
+ * 'installed' row, later than the dumped one, which stays the earliest).
+ * The few deleted rows whose trade closed after the horizon (closed_at set
+ * later than the row was created) are kept in cleaned_rows until the
+ * horizon passes them.
  * ------------------------------------------------------------------------ */
-CREATE TABLE trace.cleanup_horizon (
-    one_row        boolean PRIMARY KEY DEFAULT true CHECK (one_row),
-    cleaned_before timestamptz NOT NULL
+CREATE TABLE trace.reconcile_horizon (
+    kind      text        NOT NULL CHECK (kind IN ('installed', 'cleaned')),
+    not_before timestamptz NOT NULL
 );
 
-COMMENT ON TABLE trace.cleanup_horizon IS
-    'trace.cleanup() has deleted queue rows created before cleaned_before: trace.reconcile() never looks at trades closed before it';
+COMMENT ON TABLE trace.reconcile_horizon IS
+    'trace.reconcile() never looks at trades closed before the later of the earliest installed and the latest cleaned time';
+
+INSERT INTO trace.reconcile_horizon (kind, not_before)
+SELECT 'installed', COALESCE(pg_catalog.min(q.created_at), pg_catalog.now())
+  FROM trace.trace_queue q;
 
 CREATE TABLE trace.cleaned_rows (
     trade_id  bigint      NOT NULL,
@@ -239,10 +255,21 @@ CREATE TABLE trace.cleaned_rows (
 );
 
 COMMENT ON TABLE trace.cleaned_rows IS
-    'queue rows trace.cleanup() deleted whose trade closed after trace.cleanup_horizon: never queued again by trace.reconcile()';
+    'queue rows trace.cleanup() deleted whose trade closed after the reconciliation horizon: never queued again by trace.reconcile()';
 
-SELECT pg_catalog.pg_extension_config_dump('trace.cleanup_horizon', '');
+SELECT pg_catalog.pg_extension_config_dump('trace.reconcile_horizon', '');
 SELECT pg_catalog.pg_extension_config_dump('trace.cleaned_rows', '');
+
+CREATE FUNCTION trace._reconcile_horizon() RETURNS timestamptz
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT GREATEST(pg_catalog.min(h.not_before) FILTER (WHERE h.kind = 'installed'),
+                    pg_catalog.max(h.not_before) FILTER (WHERE h.kind = 'cleaned'))
+      FROM trace.reconcile_horizon h;
+$$;
+
+REVOKE ALL ON FUNCTION trace._reconcile_horizon() FROM PUBLIC;
 
 -- The time column reconciliation bounds its scan by: closed_at, if the
 -- table has one of a date/time type.
@@ -286,10 +313,12 @@ BEGIN
     DELETE FROM trace.trace_queue WHERE created_at < cutoff;
     GET DIAGNOSTICS n = ROW_COUNT;
 
-    INSERT INTO trace.cleanup_horizon AS h (cleaned_before) VALUES (cutoff)
-        ON CONFLICT (one_row) DO UPDATE
-        SET cleaned_before = GREATEST(h.cleaned_before, EXCLUDED.cleaned_before)
-        RETURNING h.cleaned_before INTO horizon;
+    UPDATE trace.reconcile_horizon SET not_before = GREATEST(not_before, cutoff)
+     WHERE kind = 'cleaned';
+    IF NOT FOUND THEN
+        INSERT INTO trace.reconcile_horizon (kind, not_before) VALUES ('cleaned', cutoff);
+    END IF;
+    horizon := trace._reconcile_horizon();
     DELETE FROM trace.cleaned_rows WHERE closed_at < horizon;
     RETURN n;
 END
@@ -302,6 +331,8 @@ REVOKE ALL ON FUNCTION trace.cleanup() FROM PUBLIC;
 
 CREATE FUNCTION trace._count_reconciled(adapter text, n bigint) RETURNS void
     LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_count_reconciled';
+
+REVOKE ALL ON FUNCTION trace._count_reconciled(text, bigint) FROM PUBLIC;
 
 /*
  * trace.reconcile(): CLOSED trades of consenting traders, closed since
@@ -339,8 +370,8 @@ BEGIN
     IF since IS NULL THEN
         since := pg_catalog.now() - trace._ttl();
     END IF;
-    -- Never before what trace.cleanup() has deleted.
-    SELECT h.cleaned_before INTO horizon FROM trace.cleanup_horizon h;
+    -- Never before the install, nor before what trace.cleanup() deleted.
+    horizon := trace._reconcile_horizon();
     window_from := GREATEST(since, horizon);
 
     FOR tbl IN SELECT tg.tgrelid::pg_catalog.regclass AS rel, tg.tgenabled
@@ -427,6 +458,12 @@ COMMENT ON FUNCTION trace.reconcile(timestamptz, boolean) IS
     'queue CLOSED trades of consenting traders that have no queue row for a tracker their signal lists';
 
 REVOKE ALL ON FUNCTION trace.reconcile(timestamptz, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION trace._enabled_adapters(), trace._send_verdict(bigint),
-    trace._count_reconciled(text, bigint) FROM PUBLIC;
-REVOKE ALL ON TABLE trace.cleanup_horizon, trace.cleaned_rows FROM PUBLIC;
+
+-- trust_trace_reconciled_total, for postgres_exporter (monitoring/queries.yaml).
+CREATE FUNCTION trace._reconciled_counters(OUT adapter text, OUT reconciled_total bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_reconciled_counters';
+
+REVOKE ALL ON FUNCTION trace._reconciled_counters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION trace._reconciled_counters() TO pg_monitor;
+REVOKE ALL ON TABLE trace.reconcile_horizon, trace.cleaned_rows FROM PUBLIC;

@@ -26,6 +26,7 @@ PG_FUNCTION_INFO_V1(trace_fail_counters);
 PG_FUNCTION_INFO_V1(trace_duration_histogram);
 PG_FUNCTION_INFO_V1(trace_prometheus_metrics);
 PG_FUNCTION_INFO_V1(trace_count_reconciled);
+PG_FUNCTION_INFO_V1(trace_reconciled_counters);
 
 /*
  * Rows trace.reconcile() queued in the current transaction, per adapter:
@@ -93,6 +94,27 @@ trace_counters(PG_FUNCTION_ARGS)
 		values[2] = Int64GetDatum((int64) m.failed);
 		values[3] = Int64GetDatum((int64) m.count);
 		values[4] = Float8GetDatum(m.sum);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* trace._reconciled_counters(): rows trace.reconcile() queued, per adapter kind. */
+Datum
+trace_reconciled_counters(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false};
+		TraceMetrics m;
+
+		trace_metrics_snapshot(kind, &m);
+		values[0] = CStringGetTextDatum(trace_adapter_name(kind));
+		values[1] = Int64GetDatum((int64) m.reconciled);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;

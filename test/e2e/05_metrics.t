@@ -134,6 +134,7 @@ try:
         for fam, typ in (("trust_traces_pushed_total", "counter"),
                          ("trust_trace_fail_total", "counter"),
                          ("trust_trace_queue_pending", "gauge"),
+                         ("trust_trace_reconciled_total", "counter"),
                          ("trust_trace_post_duration_seconds", "histogram")):
             t.ok("# TYPE %s %s\n" % (fam, typ) in text and "# HELP %s " % fam in text,
                  "HELP and TYPE %s for %s" % (typ, fam))
@@ -145,8 +146,8 @@ try:
              p.stdout.decode())
         p = subprocess.run([PROMTOOL, "check", "rules", str(REPO / "monitoring" / "alerts.yml")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        t.ok(p.returncode == 0 and b"3 rules found" in p.stdout,
-             "promtool accepts the 3 alert rules of monitoring/alerts.yml", p.stdout.decode())
+        t.ok(p.returncode == 0 and b"4 rules found" in p.stdout,
+             "promtool accepts the 4 alert rules of monitoring/alerts.yml", p.stdout.decode())
 
     with t.case("pg_monitor reads the metrics; PUBLIC does not"):
         env.sql("CREATE ROLE trace_monitor LOGIN IN ROLE pg_monitor")
