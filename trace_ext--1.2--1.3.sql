@@ -365,6 +365,7 @@ DECLARE
     adapters    text[] := '{}';
     more_ids    bigint[];
     more_adapters text[];
+    closes      timestamptz[];
     r           record;
 BEGIN
     IF since IS NULL THEN
@@ -411,25 +412,26 @@ BEGIN
             '                    WHERE c.trade_id = t.trade_id AND c.adapter = a.adapter)',
             tbl.rel, nsp, ctype);
 
-        IF dry_run THEN
-            EXECUTE pg_catalog.format(
-                'SELECT pg_catalog.array_agg(trade_id), pg_catalog.array_agg(adapter) FROM (%s) c',
-                candidates)
-                INTO more_ids, more_adapters USING window_from, enabled;
-        ELSE
+        -- Find first, then insert: an INSERT reading the queue it writes to
+        -- (the anti-join) would re-read the rows it has just added.
+        EXECUTE pg_catalog.format(
+            'SELECT pg_catalog.array_agg(trade_id), pg_catalog.array_agg(adapter), '
+            '       pg_catalog.array_agg(closed_at::pg_catalog.timestamptz) FROM (%s) c',
+            candidates)
+            INTO more_ids, more_adapters, closes USING window_from, enabled;
+        IF NOT dry_run AND more_ids IS NOT NULL THEN
             -- Due a trace.delay after the close (fees are final then), or now.
-            EXECUTE pg_catalog.format(
+            EXECUTE
                 'WITH queued AS ( '
                 '  INSERT INTO trace.trace_queue (trade_id, adapter, trade_table, due_at) '
-                '  SELECT c.trade_id, c.adapter, $3, '
-                '         GREATEST(pg_catalog.now(), '
-                '                             c.closed_at::pg_catalog.timestamptz + $4) '
-                '    FROM (%s) c '
+                '  SELECT c.t, c.a, $4, GREATEST(pg_catalog.now(), c.closed OPERATOR(pg_catalog.+) $5) '
+                '    FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), '
+                '                    pg_catalog.unnest($3)) AS c(t, a, closed) '
                 '  ON CONFLICT (trade_id, adapter) DO NOTHING '
                 '  RETURNING trade_id, adapter) '
-                'SELECT pg_catalog.array_agg(trade_id), pg_catalog.array_agg(adapter) FROM queued',
-                candidates)
-                INTO more_ids, more_adapters USING window_from, enabled, tbl.rel, delay;
+                'SELECT pg_catalog.array_agg(trade_id), pg_catalog.array_agg(adapter) FROM queued'
+                INTO more_ids, more_adapters
+                USING more_ids, more_adapters, closes, tbl.rel, delay;
         END IF;
         ids := ids || COALESCE(more_ids, '{}');
         adapters := adapters || COALESCE(more_adapters, '{}');

@@ -116,6 +116,44 @@ def reopen(table, ids):
             "fees = NULL WHERE trade_id = ANY(%%s)" % table, (list(ids),))
 
 
+def copy_rows(table, closed_ids, open_ids, signal_id=10):
+    """COPY trades FROM STDIN (psycopg2 copy_expert): the CLOSED rows, then
+    the OPEN ones.  The rows are made on the server (COPY ... TO STDOUT)
+    and only pass through here: COPY data is never a statement, nor
+    logged.  Returns (lines copied in, rows COPY reported)."""
+    cur = env.db.cursor()
+    data = io.StringIO()
+    for ids, closed in ((closed_ids, True), (open_ids, False)):
+        if not ids:
+            continue
+        q = cur.mogrify("COPY (%s) TO STDOUT" % rows_sql(closed),
+                        row_args(ids, 1, signal_id)).decode()
+        env.cluster.sent.append(q)
+        cur.copy_expert(q, data)
+    lines = data.getvalue().count("\n")
+    data.seek(0)
+    q = "COPY %s (%s) FROM STDIN" % (table, COLS)
+    env.cluster.sent.append(q)
+    cur.copy_expert(q, data)
+    return lines, cur.rowcount
+
+
+def merge(table, ids):
+    """One MERGE: trades of `ids` that exist are closed (update action),
+    the others are inserted CLOSED (insert action)."""
+    env.sql("""
+        MERGE INTO %s t
+        USING (%s) s ON t.trade_id = s.trade_id
+        WHEN MATCHED THEN UPDATE SET status = s.status, exit_price = s.exit_price,
+                                     closed_at = s.closed_at, pnl = s.pnl, fees = s.fees
+        WHEN NOT MATCHED THEN INSERT (%s)
+             VALUES (s.trade_id, s.user_id, s.signal_id, s.account_number, s.client_id,
+                     s.instrument, s.side, s.volume, s.entry_price, s.opened_at,
+                     s.passport, s.iban, s.status, s.exit_price, s.closed_at, s.pnl,
+                     s.fees)""" % (table, rows_sql(True), COLS),
+            row_args(ids, 1, 10))
+
+
 def copy_beside(schema):
     """users and signals copies in a schema (attach() wants them beside
     the trades table), copied on the server."""
@@ -264,21 +302,8 @@ try:
     with t.case("COPY of CLOSED rows (copy_expert)"):
         closed_ids = new_ids(3)
         open_ids = new_ids(1)
-        cur = env.db.cursor()
-        data = io.StringIO()
-        # The rows are made on the server and only pass through here: the
-        # COPY data is never a statement, nor logged.
-        for ids, closed in ((closed_ids, True), (open_ids, False)):
-            q = cur.mogrify("COPY (%s) TO STDOUT" % rows_sql(closed),
-                            row_args(ids, 1, 10)).decode()
-            env.cluster.sent.append(q)
-            cur.copy_expert(q, data)
-        lines = data.getvalue().count("\n")
-        data.seek(0)
-        q = "COPY public.trades (%s) FROM STDIN" % COLS
-        env.cluster.sent.append(q)
-        cur.copy_expert(q, data)
-        t.is_((lines, cur.rowcount), (4, 4), "COPY wrote 3 CLOSED rows and 1 OPEN row")
+        lines, rowcount = copy_rows("public.trades", closed_ids, open_ids)
+        t.is_((lines, rowcount), (4, 4), "COPY wrote 3 CLOSED rows and 1 OPEN row")
         t.is_(queue_rows(open_ids), {}, "the OPEN row of the COPY: nothing queued")
         EXPECTED[open_ids[0]] = set()
         expect_traced("COPY CLOSED", closed_ids, "public.trades")
@@ -311,17 +336,7 @@ try:
         matched = new_ids(1)
         fresh = new_ids(1)
         insert("public.trades", matched, closed=False)
-        env.sql("""
-            MERGE INTO public.trades t
-            USING (%s) s ON t.trade_id = s.trade_id
-            WHEN MATCHED THEN UPDATE SET status = s.status, exit_price = s.exit_price,
-                                         closed_at = s.closed_at, pnl = s.pnl, fees = s.fees
-            WHEN NOT MATCHED THEN INSERT (%s)
-                 VALUES (s.trade_id, s.user_id, s.signal_id, s.account_number, s.client_id,
-                         s.instrument, s.side, s.volume, s.entry_price, s.opened_at,
-                         s.passport, s.iban, s.status, s.exit_price, s.closed_at, s.pnl,
-                         s.fees)""" % (rows_sql(True), COLS),
-                row_args(matched + fresh, 1, 10))
+        merge("public.trades", matched + fresh)
         t.is_(env.sql1("SELECT count(*) FROM public.trades WHERE trade_id = ANY(%s) "
                        "AND status = 'CLOSED'", (matched + fresh,)), 2,
               "one MERGE closed the existing trade and inserted the new one CLOSED")
@@ -350,12 +365,13 @@ try:
         expect_untraced("user 2 (tracing_enabled = false), INSERT CLOSED", tid,
                         "the user did not opt in")
 
-    with t.case("a status enum with the label CLOSED is accepted and traced"):
+    with t.case("a status enum with the label CLOSED, an integer trade_id: accepted, traced"):
         env.sql("""
             CREATE TYPE public.trade_status AS ENUM ('OPEN', 'CLOSED');
             CREATE TABLE public.trades_enum (LIKE public.trades INCLUDING CONSTRAINTS);
             ALTER TABLE public.trades_enum
-                ALTER COLUMN status TYPE public.trade_status USING status::public.trade_status;
+                ALTER COLUMN status TYPE public.trade_status USING status::public.trade_status,
+                ALTER COLUMN trade_id TYPE integer;
             SELECT trace.attach('public.trades_enum');""")
         t.is_(len(triggers_of("public.trades_enum")), 2, "attach() installed both triggers")
         ins = new_ids(1)
@@ -395,6 +411,25 @@ try:
         ins = new_ids(1)
         insert("hot.trades", ins, closed=True, signal_id=11)
         expect_traced("LIST, INSERT CLOSED into the root", ins, "hot.trades", signal_id=11)
+
+        copied = new_ids(2)
+        opened = new_ids(1)
+        t.is_(copy_rows("hot.trades", copied, opened), (3, 3),
+              "COPY into hot.trades wrote 2 CLOSED rows and 1 OPEN row")
+        t.is_(where_rows("hot.trades", copied + opened),
+              dict([(i, "hot.trades_closed") for i in copied] + [(opened[0], "hot.trades_open")]),
+              "(COPY routed them to hot.trades_closed and hot.trades_open)")
+        EXPECTED[opened[0]] = set()
+        t.is_(queue_rows(opened), {}, "the OPEN row of the COPY into hot.trades: nothing queued")
+        expect_traced("LIST, COPY CLOSED into the root", copied, "hot.trades")
+        m_upd = new_ids(1)
+        m_ins = new_ids(1)
+        insert("hot.trades", m_upd, closed=False)
+        merge("hot.trades", m_upd + m_ins)
+        t.is_(set(where_rows("hot.trades", m_upd + m_ins).values()), {"hot.trades_closed"},
+              "one MERGE moved the OPEN trade to hot.trades_closed and inserted the other there")
+        expect_traced("LIST, MERGE update action moving open -> closed", m_upd, "hot.trades")
+        expect_traced("LIST, MERGE insert action", m_ins, "hot.trades")
 
         again = moved[:1]
         reopen("hot.trades", again)
@@ -627,6 +662,12 @@ try:
               {r: ["A", "A"] for r in ("hot.trades", "hot.trades_open", "hot.trades_closed")},
               "attach('hot.trades', replica => true): the root's triggers and the "
               "partitions' clones ENABLE ALWAYS")
+        env.sql("""
+            CREATE TABLE hot.trades_other (LIKE hot.trades INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+            ALTER TABLE hot.trades ATTACH PARTITION hot.trades_other
+                FOR VALUES IN ('CANCELLED', 'SETTLED');""")
+        t.is_(trigger_states("hot.trades").get("hot.trades_other"), ["A", "A"],
+              "a partition attached after attach(replica => true) gets ENABLE ALWAYS clones")
         p_upd, p_ins = new_ids(1), new_ids(1)
         h_upd, h_ins = new_ids(1), new_ids(1)
         insert("public.trades", p_upd, closed=False, run_sql=pub_sql)
