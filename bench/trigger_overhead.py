@@ -83,6 +83,15 @@ BEGIN
         UPDATE trades SET fees = 1.50 WHERE trade_id = i;
         COMMIT;
     END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_open(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN a..b LOOP
+        INSERT INTO trades (trade_id, user_id, signal_id, instrument, side, volume,
+                            entry_price, opened_at)
+        VALUES (100000000 + i, 1, 10, 'EURUSD', 'buy', 1.5, 1.0842, now());
+        COMMIT;
+    END LOOP;
 END $$""" % {"close_i": CLOSE.format(id="i"), "close_tid": CLOSE.format(id="tid")}
 
 
@@ -90,6 +99,7 @@ def reset(cluster):
     cluster.psql(dbname=DB, sql="""
         UPDATE trades SET status = 'OPEN', exit_price = NULL, closed_at = NULL,
                           pnl = NULL, fees = NULL WHERE status <> 'OPEN';
+        DELETE FROM trades WHERE trade_id >= 100000000;
         TRUNCATE trace.trace_queue;""")
     cluster.psql(dbname=DB, sql="VACUUM ANALYZE trades")
     cluster.psql(dbname=DB, sql="VACUUM ANALYZE trace.trace_queue")
@@ -195,7 +205,7 @@ def instructions_per_row(cluster, attached, proc, n1=300, n2=1300):
 
 def instruction_counts(cluster):
     counts = {}
-    for proc in ("bench_close", "bench_touch"):
+    for proc in ("bench_close", "bench_touch", "bench_open"):
         for attached in (False, True):
             counts[(proc, attached)] = instructions_per_row(cluster, attached, proc)
     return counts
@@ -305,7 +315,8 @@ def main():
                      % (wal["without"], wal["with"]))
         if ir:
             for proc, what in (("bench_close", "close"),
-                               ("bench_touch", "UPDATE that leaves status alone")):
+                               ("bench_touch", "UPDATE that leaves status alone"),
+                               ("bench_open", "INSERT of an OPEN trade")):
                 wo, w = ir[(proc, False)], ir[(proc, True)]
                 lines.append("instructions per %s (callgrind, single-user backend, "
                              "1,000 rows): %.0f without, %.0f with trace_ext (+%.0f, +%.0f %%)"
