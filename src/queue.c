@@ -232,7 +232,7 @@ prepare_claim_plans(void)
 	cancel_plan = keep_plan("UPDATE trace.trace_queue q "
 							"   SET status = 'cancelled', attempts = q.attempts - 1, "
 							"       lease_owner = NULL, last_error = c.reason, "
-							"       last_http_status = NULL "
+							"       last_http_status = NULL, due_at = now() "
 							"  FROM unnest($1, $2) AS c(id, reason) "
 							" WHERE q.id = c.id AND q.status = 'sending'",
 							2, cancel_types);

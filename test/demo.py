@@ -4,7 +4,10 @@
 Starts a capture server on 127.0.0.1 playing two trackers (the webhook one
 accepts everything; the myfxbook one answers 503 twice before it accepts),
 a throwaway cluster with trace_ext preloaded, loads the reference trade
-store, closes a few trades the way the trading application does, and shows
+store, closes a few trades the way the trading application does (and one
+by a back-office INSERT, one behind a disabled trigger that the
+reconciliation sweep finds, one whose trader withdraws consent before the
+send), and shows
 what the trackers received and what the monitoring views say.  Everything
 is removed at the end.  Run through test/demo.sh, which builds and installs
 the extension first.
@@ -104,6 +107,34 @@ def main():
         say("the fees of trade 3 are corrected before it is due: the tracker gets the final value")
         cur.execute("UPDATE trades SET fees = 1.25 WHERE trade_id = 3")
 
+        say("a back-office import writes trade 31 already CLOSED (INSERT): queued too")
+        cur.execute("""INSERT INTO trades (trade_id, user_id, signal_id, instrument, side, volume,
+                                           entry_price, exit_price, opened_at, closed_at, pnl,
+                                           fees, status)
+                       VALUES (31, 3, 11, 'EURUSD', 'sell', 2, 1.0850, 1.0831,
+                               now() - interval '1 hour', now(), 38.00, 0.80, 'CLOSED')""")
+
+        say("trade 12 closes while a DBA has the trigger disabled; the reconciliation sweep finds it")
+        cur.execute("ALTER TABLE trades DISABLE TRIGGER trace_ext_enqueue")
+        cur.execute("""UPDATE trades SET status = 'CLOSED', exit_price = entry_price - 0.0004,
+                              closed_at = now(), pnl = -12.00, fees = 1.00
+                        WHERE trade_id = 12""")
+        cur.execute("ALTER TABLE trades ENABLE TRIGGER trace_ext_enqueue")
+        show(conn, "SELECT * FROM trace.reconcile(dry_run => true)  -- what no trigger queued",
+             "SELECT * FROM trace.reconcile(dry_run => true)")
+        cur.execute("SET client_min_messages = error")
+        show(conn, "SELECT * FROM trace.reconcile()  -- queue it (the worker also does this "
+             "every trace.reconcile_interval)", "SELECT * FROM trace.reconcile()")
+        cur.execute("RESET client_min_messages")
+
+        say("trade 15's trader withdraws consent after the close, before it is due: nothing is sent")
+        cur.execute("""UPDATE trades SET status = 'CLOSED', exit_price = entry_price + 0.0020,
+                              closed_at = now(), pnl = 20.00, fees = 1.00
+                        WHERE trade_id = 15""")
+        cur.execute("INSERT INTO users VALUES (9, 'dana@example.com', 'Dana', 'CL-0009', true)")
+        cur.execute("UPDATE trades SET user_id = 9 WHERE trade_id = 15")
+        cur.execute("UPDATE users SET tracing_enabled = false WHERE user_id = 9")
+
         say("waiting for the deliveries (myfxbook is retried with backoff: 1 s, then 6 s)")
         if not wait_for(conn, "SELECT count(*) = 0 FROM trace.trace_queue "
                               "WHERE status IN ('pending', 'sending')", 30):
@@ -118,6 +149,9 @@ def main():
                                    r.path, (r.response or {}).get("status"), json.dumps(hdr)))
             print("    %s" % r.text())
 
+        show(conn, "trace.trace_queue: trade 15 cancelled at send time, with the reason",
+             "SELECT id, trade_id, adapter, status, attempts, last_error "
+             "FROM trace.trace_queue ORDER BY id")
         show(conn, "trace.queue_summary", "SELECT * FROM trace.queue_summary ORDER BY adapter, status")
         show(conn, "trace.failures", "SELECT * FROM trace.failures ORDER BY id")
         show(conn, "trace.metrics", "SELECT * FROM trace.metrics")
