@@ -399,20 +399,22 @@ cleanup_if_due(void)
 
 /*
  * Run the reconciliation sweep when it is due: at start (closes missed
- * while no worker ran), then every trace.reconcile_interval.
+ * while no worker ran), then every trace.reconcile_interval.  Returns
+ * whether it queued rows: the worker must then look at the queue, since
+ * its own commits wake nobody.
  */
-static void
+static bool
 reconcile_if_due(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	volatile int64 queued = 0;
 
 	if (now < next_reconcile)
-		return;
+		return false;
 	schedule_reconcile(now);
 	PG_TRY();
 	{
-		int64		queued = trace_queue_reconcile();
-
+		queued = trace_queue_reconcile();
 		if (queued >= 0)
 			ereport(DEBUG1,
 					(errmsg("trace_ext: reconciliation sweep queued " INT64_FORMAT " rows",
@@ -423,8 +425,10 @@ reconcile_if_due(void)
 		EmitErrorReport();
 		FlushErrorState();
 		AbortOutOfAnyTransaction();
+		queued = 0;
 	}
 	PG_END_TRY();
+	return queued > 0;
 }
 
 /*
@@ -569,8 +573,8 @@ trace_worker_main(Datum arg)
 	trace_is_worker = true;
 	trace_worker_slot_attach(slot);
 	my_slot = slot;
-	if (my_slot != 0)
-		next_reconcile = DT_NOEND;
+	/* the first sweep at start, if sweeping is on at all */
+	next_reconcile = (my_slot == 0 && trace_reconcile_interval_s > 0) ? 0 : DT_NOEND;
 	connect_to_database();
 	pgstat_report_appname("trace_ext worker");
 
@@ -610,7 +614,8 @@ trace_worker_main(Datum arg)
 			next_due = run_pass_guarded(&extension_ok);
 		}
 		cleanup_if_due();
-		reconcile_if_due();
+		if (reconcile_if_due())
+			next_due = 0;		/* rows queued: run a pass now */
 		/* rows due later than next_due need not wake us (see wake.c) */
 		trace_publish_wake_at(next_due);
 		woken = sleep_until(Min(Min(next_due, next_cleanup), next_reconcile));
