@@ -18,6 +18,7 @@
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 
 #include "src/trace_ext.h"
 
@@ -29,25 +30,66 @@ PG_FUNCTION_INFO_V1(trace_count_reconciled);
 PG_FUNCTION_INFO_V1(trace_reconciled_counters);
 
 /*
- * Rows trace.reconcile() queued in the current transaction, per adapter:
- * added to the shared counters when it commits, forgotten if it aborts.
+ * Rows trace.reconcile() queued in the current transaction: added to the
+ * shared counters when it commits, forgotten if it aborts.  Each count
+ * remembers the subtransaction it was made in, so that rolling back to a
+ * savepoint forgets what was counted after it.
  */
-static uint64 reconciled_pending[TRACE_NUM_ADAPTERS];
-static bool reconciled_callback = false;
+typedef struct PendingCount
+{
+	SubTransactionId subid;
+	TraceAdapterKind adapter;
+	uint64		n;
+} PendingCount;
+
+static PendingCount *pending_counts = NULL;
+static int	npending = 0;
+static int	pending_size = 0;
+static bool reconciled_callbacks = false;
 
 static void
 reconciled_at_end(XactEvent event, void *arg)
 {
-	if (event != XACT_EVENT_COMMIT && event != XACT_EVENT_PARALLEL_COMMIT &&
-		event != XACT_EVENT_ABORT && event != XACT_EVENT_PARALLEL_ABORT)
+	bool		commit = (event == XACT_EVENT_COMMIT ||
+						  event == XACT_EVENT_PARALLEL_COMMIT);
+
+	if (!commit && event != XACT_EVENT_ABORT && event != XACT_EVENT_PARALLEL_ABORT)
 		return;
-	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+	for (int i = 0; commit && i < npending; i++)
+		trace_metrics_count_reconciled(pending_counts[i].adapter, pending_counts[i].n);
+	npending = 0;
+}
+
+static void
+reconciled_at_subabort(SubXactEvent event, SubTransactionId mySubid,
+					   SubTransactionId parentSubid, void *arg)
+{
+	/* counts made in this subtransaction or in one it started */
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		while (npending > 0 && pending_counts[npending - 1].subid >= mySubid)
+			npending--;
+}
+
+static void
+remember_count(TraceAdapterKind adapter, uint64 n)
+{
+	if (!reconciled_callbacks)
 	{
-		if (reconciled_pending[a] > 0 &&
-			(event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT))
-			trace_metrics_count_reconciled(a, reconciled_pending[a]);
-		reconciled_pending[a] = 0;
+		RegisterXactCallback(reconciled_at_end, NULL);
+		RegisterSubXactCallback(reconciled_at_subabort, NULL);
+		reconciled_callbacks = true;
 	}
+	if (npending == pending_size)
+	{
+		pending_size = Max(8, pending_size * 2);
+		pending_counts = pending_counts == NULL ?
+			MemoryContextAlloc(TopMemoryContext, sizeof(PendingCount) * pending_size) :
+			repalloc(pending_counts, sizeof(PendingCount) * pending_size);
+	}
+	pending_counts[npending].subid = GetCurrentSubTransactionId();
+	pending_counts[npending].adapter = adapter;
+	pending_counts[npending].n = n;
+	npending++;
 }
 
 /*
@@ -65,13 +107,8 @@ trace_count_reconciled(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("trace_ext: unknown adapter \"%s\"", name)));
-	if (!reconciled_callback)
-	{
-		RegisterXactCallback(reconciled_at_end, NULL);
-		reconciled_callback = true;
-	}
 	if (n > 0)
-		reconciled_pending[kind] += (uint64) n;
+		remember_count(kind, (uint64) n);
 	PG_RETURN_VOID();
 }
 

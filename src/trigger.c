@@ -58,6 +58,8 @@ typedef struct EnqueuePlan
  */
 static OverrideSearchPath catalog_only = {NIL, true, false, 0};
 
+static bool queue_has_by_operator(void);
+
 #define MAX_PLANS 16
 static EnqueuePlan plans[MAX_PLANS];
 static int	nplans = 0;
@@ -65,13 +67,16 @@ static int	nplans = 0;
 /*
  * The statement that queues a trade.  mark_operator: the rows are the
  * operator's explicit choice (trace.enqueue with adapters), which the
- * worker's consent check at send time must know; queues from 1.3 on have
- * the by_operator column, and the trigger's rows keep its default, false.
+ * worker's consent check at send time must know.  Queues from 1.3 on have
+ * the by_operator column; a row re-armed by the other kind of enqueue
+ * takes its value.  (A plan prepared before ALTER EXTENSION UPDATE added
+ * the column leaves it alone until the session ends.)
  */
 static SPIPlanPtr
 prepare_enqueue(Oid relid, Oid nspid, const Oid *types, bool mark_operator)
 {
 	const char *nsp = quote_identifier(get_namespace_name(nspid));
+	bool		by_operator = queue_has_by_operator();
 	StringInfoData sql;
 	Oid			argtypes[7];
 	SPIPlanPtr	plan;
@@ -91,10 +96,10 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types, bool mark_operator)
 					 "       lease_owner = NULL, last_error = NULL, last_http_status = NULL, "
 					 "       delivered_at = NULL, created_at = now()%s "
 					 " WHERE q.status = 'cancelled'",
-					 mark_operator ? ", by_operator" : "",
-					 mark_operator ? ", true" : "",
+					 by_operator ? ", by_operator" : "",
+					 !by_operator ? "" : mark_operator ? ", true" : ", false",
 					 nsp, nsp,
-					 mark_operator ? ", by_operator = true" : "");
+					 by_operator ? ", by_operator = EXCLUDED.by_operator" : "");
 
 	argtypes[0] = types[0];
 	argtypes[1] = types[1];
@@ -218,7 +223,7 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 		adapters = enabled_adapters_array();
 	if (adapters == NULL || user_null)
 		return 0;
-	mark_operator = explicit_adapters != NULL && queue_has_by_operator();
+	mark_operator = explicit_adapters != NULL;
 
 	values[0] = trade_id;
 	values[1] = user_id;

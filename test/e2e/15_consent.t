@@ -25,6 +25,11 @@ locked rows) decides after the change, whatever the machine's speed.
   the send), but cancelled when the user withdraws consent or is deleted.
 - A user who withdraws and opts in again before the send gets the trade
   delivered.
+- A trade reopened (its trigger row and an operator's row cancelled) that
+  closes again: the trigger re-arms both rows as its own (pending,
+  last_error cleared, by_operator false), so when the signal then drops a
+  tracker before the send, that row is cancelled ('adapter removed from
+  signal') and only the other is sent.
 - trace._send_verdict(id) agrees with the worker: NULL before every
   change and for every delivered row, the reason after the change, and
   the same reason as last_error once the worker has cancelled the row.
@@ -99,6 +104,10 @@ SCENARIOS = [
          operator=["myfxbook", "webhook"],
          change=["UPDATE users SET tracing_enabled = false WHERE user_id = 6"],
          expect=both("consent withdrawn")),
+    dict(key="trade reopened, with an operator row", user=1, signal=17,
+         operator=["myfxbook"],
+         change=["UPDATE trades SET status = 'OPEN' WHERE trade_id = {tid}"],
+         expect=both("trade no longer CLOSED")),
     dict(key="operator row, user deleted", user=8, signal=12,
          operator=["webhook"], change=["DELETE FROM users WHERE user_id = 8"],
          expect={"webhook": "user no longer exists"}),
@@ -158,7 +167,8 @@ try:
                    (13, 'loses myfxbook', '{myfxbook,webhook}'),
                    (14, 'loses all', '{myfxbook,webhook}'),
                    (15, 'deleted', '{myfxbook,webhook}'),
-                   (16, 'lists none, deleted', '{}')""")
+                   (16, 'lists none, deleted', '{}'),
+                   (17, 'reopened, closed again', '{webhook}')""")
         t.is_(env.sql1("SELECT count(*) FROM users WHERE tracing_enabled AND user_id >= 4"), 5,
               "users 4..8 opted in")
 
@@ -262,6 +272,36 @@ try:
         sent = [(tid, a) for tid, a in cancelled if env.reqs_for(tid, a)]
         t.is_(sent, [], "no request ever reached the sink for any of the %d cancelled rows"
               % len(cancelled))
+
+    with t.case("a reopened trade closes again: the trigger re-arms its rows as its own"):
+        s = [x for x in SCENARIOS if x["key"] == "trade reopened, with an operator row"][0]
+        tid = s["tid"]
+        # The signal now lists both trackers; the trade closes again (trigger).
+        env.sql("UPDATE signals SET tracing_adapters = '{myfxbook,webhook}' "
+                " WHERE signal_id = 17")
+        env.close_trade(tid)
+        got = {r["adapter"]: (r["status"], r["last_error"], r["attempts"], r["by_operator"])
+               for r in env.sqld("SELECT adapter, status, last_error, attempts, by_operator "
+                                 "  FROM trace.trace_queue WHERE trade_id = %s", (tid,))}
+        t.is_(got, both(("pending", None, 0, False)),
+              "the close re-armed both cancelled rows (pending, last_error cleared) as the "
+              "trigger's rows (by_operator false: no operator chose this close's trackers)")
+        found = locked_change(tid, ["UPDATE signals SET tracing_adapters = '{webhook}' "
+                                    " WHERE signal_id = 17"])
+        t.is_(found, both("pending"), "the signal dropped myfxbook while the rows were pending")
+        t.is_(verdicts(tid), {"myfxbook": "adapter removed from signal", "webhook": None},
+              "trace._send_verdict: myfxbook 'adapter removed from signal', webhook NULL")
+        rows = env.wait_rows(tid, lambda rs: all(r["status"] in ("cancelled", "delivered",
+                                                                 "abandoned")
+                                                 for r in rs.values()), 30)
+        env.wait_reqs(tid, "webhook", count=1, timeout=5)
+        t.is_({a: outcome(r) for a, r in rows.items()},
+              {"myfxbook": ("cancelled", "adapter removed from signal", 0, None),
+               "webhook": ("delivered", None, 1, 200)},
+              "the worker cancelled myfxbook (the signal no longer lists it) and delivered "
+              "webhook")
+        t.is_({a: len(env.reqs_for(tid, a)) for a in BOTH}, {"myfxbook": 0, "webhook": 1},
+              "the sink got no myfxbook request, one webhook request")
 
     with t.case("cancellations are not failures"):
         t.is_(fail_total(), 0, "trust_trace_fail_total is 0 for every adapter and reason")
