@@ -34,9 +34,11 @@ SELECT ok((SELECT bool_and(due_at = now() + current_setting('trace.delay')::inte
                            AND status = 'pending' AND attempts = 0)
              FROM trace.trace_queue WHERE trade_id IN (3, 6)),
           'trace.enqueue queues pending rows due trace.delay from now');
-SELECT throws_ok('SELECT trace.enqueue(6, ARRAY[''carrier-pigeon''])', '22023', NULL,
+SELECT throws_ok('SELECT trace.enqueue(6, ARRAY[''carrier-pigeon''])', '22023',
+                 'trace.enqueue: unknown adapter "carrier-pigeon"',
                  'trace.enqueue refuses an unknown adapter');
-SELECT throws_ok('SELECT trace.enqueue(424242)', NULL, NULL,
+SELECT throws_ok('SELECT trace.enqueue(424242)', 'P0002',
+                 'trace.enqueue: trade 424242 not found in any attached trades table',
                  'trace.enqueue of a trade that does not exist is an error');
 
 -- retry

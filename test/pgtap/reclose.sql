@@ -18,6 +18,11 @@ $$;
 
 -- Trades 3, 6, 9, 12, 15: opted-in user, signal {myfxbook,webhook,file}.
 UPDATE trades SET status = 'CLOSED' WHERE trade_id IN (3, 6, 9, 12, 15);
+-- The whole spec is one transaction, where now() does not move: date the
+-- rows an hour back, so that a re-arm (which would set due_at and
+-- created_at from now()) shows.
+UPDATE trace.trace_queue SET due_at = now() - interval '1 hour',
+                             created_at = now() - interval '1 hour';
 CREATE TEMP TABLE before_reclose AS SELECT * FROM trace.trace_queue;
 
 CALL pg_temp.reclose(3);
