@@ -228,6 +228,9 @@ if want e2e; then
                            todo[order[i]] ? sprintf(", %d TODO (known, not yet fixed)", todo[order[i]]) : ""
                 printf "%s", rest
             }' "$e2e_log"
+    else
+        echo "no end-to-end tests found in $repo/test/e2e" >&2
+        result[e2e]=fail
     fi
 fi
 

@@ -98,6 +98,7 @@ class Captured:
         self.body = body            # bytes
         self.client_port = client_port
         self.response = None       # what was answered (normalised spec), filled later
+        self.finished = None       # when the answer was sent or the connection dropped
 
     @property
     def route(self):
@@ -212,10 +213,12 @@ class _Handler(BaseHTTPRequestHandler):
             limit = None if resp["hang"] is True else resp["hang"]
             owner._stopping.wait(limit)
             self.close_connection = True
+            rec.finished = time.time()
             return
         if resp["delay"] > 0:
             if owner._stopping.wait(resp["delay"]):
                 self.close_connection = True
+                rec.finished = time.time()
                 return
         payload = resp["body"]
         if payload is None:
@@ -233,6 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
         self.wfile.flush()
+        rec.finished = time.time()
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
 
