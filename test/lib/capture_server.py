@@ -87,7 +87,7 @@ class Captured:
     """One recorded request."""
 
     __slots__ = ("seq", "time", "method", "path", "headers", "body",
-                 "client_port", "response")
+                 "client_port", "response", "finished")
 
     def __init__(self, seq, t, method, path, headers, body, client_port):
         self.seq = seq
