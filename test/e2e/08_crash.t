@@ -428,16 +428,35 @@ try:
         delivered_before = {(r[0], r[1]) for r in env.sql(
             "SELECT trade_id, adapter FROM trace.trace_queue "
             "WHERE trade_id BETWEEN %s AND %s AND status = 'delivered'", (lo, hi))}
+        # The leases held at the stop, and when each would run out.
+        leased = env.sql("SELECT id, due_at FROM trace.trace_queue "
+                         "WHERE trade_id BETWEEN %s AND %s AND status = 'sending'", (lo, hi))
         env.cluster.stop(mode="immediate")
         stopped_at = time.time()
-        t.ok(before and sum(before.values()) == 1000 and before.get("sending", 0) > 0,
-             "at the stop: 1,000 rows queued, some delivered, some leased (%r)" % (before,))
-        since = env.cluster.log_size()
+        t.ok(before and sum(before.values()) == 1000 and leased,
+             "at the stop: 1,000 rows queued, some delivered, %d leased (%r)"
+             % (len(leased), before))
         env.cluster.start()
         env.reconnect(retry_for=30)
-        t.ok(env.cluster.wait_for_log(r"rows left in sending by a stopped worker are due again",
-                                      since, 30),
-             "the restarted worker freed the dead worker's leases at once")
+        # Freed at once: every one of those rows is due again (or already
+        # taken by the new worker) while its old lease would still run.
+        lease_end = min(r[1] for r in leased) if leased else None
+
+        def freed():
+            return env.sql(
+                "SELECT count(*) FILTER ("
+                "         WHERE q.status = 'sending' AND q.due_at > now() "
+                "           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+                "                            WHERE a.pid = q.lease_owner "
+                "                              AND a.backend_type = 'trace_ext worker')), "
+                "       now() < %s "
+                "  FROM trace.trace_queue q WHERE q.id = ANY (%s)",
+                (lease_end, [r[0] for r in leased]))[0]
+        state = wait_until(lambda: (lambda f: f if f[0] == 0 else None)(freed()), 30, 0.05)
+        t.ok(state is not None and state[1],
+             "the restarted worker freed the dead worker's %d leases before they ran out "
+             "(no row left leased by a gone worker with its lease in the future)" % len(leased),
+             lambda: "after 30 s: %r" % (freed(),))
         # The fast path now: what was pending is not held up by the sink.
         env.sink.set_behaviour("/i-mfx", default=200)
         env.sink.set_behaviour("/i-wh", default=200)

@@ -128,8 +128,11 @@ try:
         t.is_(len(sink2.requests()), 0, "the standby's sink received no request")
 
     with t.case("the primary dies mid-delivery; the promoted standby delivers the rest"):
-        env.sink.set_behaviour("/p-mfx", default="delay:0.3")
-        env.sink.set_behaviour("/p-wh", default="delay:0.3")
+        # The first 40 requests per tracker are answered (slowly), the rest
+        # hang: rows stay leased until the primary dies, so the standby is
+        # sure to have replayed some leases (this case cannot be skipped).
+        env.sink.set_behaviour("/p-mfx", *["delay:0.3"] * 40, default="hang:60")
+        env.sink.set_behaviour("/p-wh", *["delay:0.3"] * 40, default="hang:60")
         env.set_gucs({"trace.batch_size": 20})
         second = bulk_close(env.sql, 300)
         hi = second[-1]
@@ -138,12 +141,23 @@ try:
             c = status_counts(env.db, second[0], hi)
             return c.get("delivered", 0) >= 60 and c.get("sending", 0) > 0 and c
         at_stop = wait_until(midway, 60, 0.02)
+        # ... and the standby has replayed a state with leased rows.
+        wait_until(lambda: status_counts(sb, second[0], hi).get("sending", 0) > 0, 30, 0.05)
         env.cluster.stop(mode="immediate")
         stopped_at = time.time()
         t.ok(at_stop and at_stop.get("pending", 0) > 0,
              "the primary stopped (immediate) with rows delivered, leased and pending: %r"
              % (at_stop,))
-        time.sleep(1.0)     # whatever WAL the standby got, it has replayed
+        # Whatever WAL the standby received, it has replayed (a condition,
+        # not a sleep): received = replayed, twice 0.2 s apart.
+        def caught_up():
+            r = q(sb, "SELECT pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn(), "
+                      "       pg_last_wal_replay_lsn()::text")[0]
+            return r[0] and r[1]
+        first_lsn = wait_until(caught_up, 30, 0.05)
+        time.sleep(0.2)
+        t.ok(first_lsn and caught_up() == first_lsn,
+             "the standby replayed all the WAL it received (%s)" % first_lsn)
         t.ok(standby.in_recovery(), "the standby is still in recovery")
         t.is_(len(sink2.requests()), 0, "... and has still sent nothing")
         t.is_(q(sb, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = %s",
@@ -152,7 +166,11 @@ try:
         all_pairs = pairs(sb, lo, hi)
         t.is_(len(all_pairs), 1000, "the standby has all 1,000 queued rows")
         before = status_counts(sb, lo, hi)
-        standby_sending = before.get("sending", 0)
+        standby_leases = q(sb, "SELECT id, due_at FROM trace.trace_queue "
+                               "WHERE trade_id BETWEEN %s AND %s AND status = 'sending'",
+                           (lo, hi))
+        t.ok(standby_leases, "the standby holds %d rows the old primary had leased"
+             % len(standby_leases), repr(before))
         t.diag("on the standby before promotion: %r" % before)
 
         t.ok(standby.promote(60), "SELECT pg_promote() succeeds")
@@ -160,13 +178,23 @@ try:
         pid = wait_until(lambda: q(sb, "SELECT pid FROM pg_stat_activity "
                                    "WHERE backend_type = %s", (WORKER,)), 30)
         t.ok(pid, "a trace_ext worker started after promotion")
-        if standby_sending:
-            t.ok(standby.wait_for_log(r"rows left in sending by a stopped worker are due again",
-                                      0, 30),
-                 "the %d rows the old primary had leased were freed at once, not at lease end"
-                 % standby_sending)
-        else:
-            t.skip("leases of the old primary freed at once", "none had reached the standby")
+        # Freed at once: each of those rows is due again (or taken by the
+        # new worker) while the old primary's lease on it would still run.
+        lease_end = min(r[1] for r in standby_leases) if standby_leases else None
+
+        def freed():
+            return q(sb, "SELECT count(*) FILTER ("
+                         "         WHERE qq.status = 'sending' AND qq.due_at > now() "
+                         "           AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a "
+                         "                            WHERE a.pid = qq.lease_owner "
+                         "                              AND a.backend_type = %s)), "
+                         "       now() < %s "
+                         "  FROM trace.trace_queue qq WHERE qq.id = ANY (%s)",
+                     (WORKER, lease_end, [r[0] for r in standby_leases]))[0]
+        state = wait_until(lambda: (lambda f: f if f[0] == 0 else None)(freed()), 30, 0.05)
+        t.ok(standby_leases and state is not None and state[1],
+             "the %d rows the old primary had leased were freed at once, before their "
+             "leases ran out" % len(standby_leases), lambda: "after 30 s: %r" % (freed(),))
         done = wait_until(lambda: status_counts(sb, lo, hi) == {"delivered": 1000}, 120, 0.2)
         t.ok(done, "the promoted standby delivered every row still pending",
              lambda: repr(status_counts(sb, lo, hi)))
