@@ -110,12 +110,19 @@ CREATE EXTENSION trace_ext;
 TRUNCATE shape_installed;
 INSERT INTO shape_installed SELECT pg_temp.trace_ext_shape();
 
-CREATE TEMP TABLE upgrade_result (from_version text, queue_rows bigint);
+-- The golden copy: the whole shape of a fresh install of the default
+-- version, kept in this file's expected output, so that a change to what
+-- CREATE EXTENSION makes shows here even if the update path changes with it.
+SELECT item AS fresh_install_shape FROM shape_installed ORDER BY item COLLATE "C";
+
+CREATE TEMP TABLE upgrade_result (from_version text, queue_row text);
 CREATE TEMP TABLE upgrade_diff (from_version text, side text, item text);
 SELECT format($f$
     DROP EXTENSION trace_ext CASCADE;
     CREATE EXTENSION trace_ext VERSION %1$L;
-    INSERT INTO trace.trace_queue (trade_id, adapter, trade_table) VALUES (3, 'webhook', 'trades');
+    INSERT INTO trace.trace_queue (trade_id, adapter, trade_table, status, attempts, last_error,
+                                   last_http_status)
+    VALUES (3, 'webhook', 'trades', 'pending', 2, 'HTTP 503', 503);
     ALTER EXTENSION trace_ext UPDATE;
     INSERT INTO upgrade_diff
     SELECT %1$L, 'only in the fresh install', item
@@ -123,25 +130,43 @@ SELECT format($f$
     UNION ALL
     SELECT %1$L, 'only in the updated install', item
       FROM (SELECT pg_temp.trace_ext_shape() AS item EXCEPT SELECT item FROM shape_installed) d;
-    INSERT INTO upgrade_result SELECT %1$L, count(*) FROM trace.trace_queue;
+    INSERT INTO upgrade_result
+    SELECT %1$L, format('%%s %%s %%s %%s %%s %%s %%s due_at=created_at:%%s by_operator=%%s',
+                        q.trade_id, q.adapter, q.trade_table, q.status, q.attempts,
+                        q.last_error, q.last_http_status, q.due_at = q.created_at,
+                        q.by_operator)
+      FROM trace.trace_queue q;
     $f$, v.version)
   FROM pg_available_extension_versions v JOIN pg_available_extensions e USING (name)
  WHERE v.name = 'trace_ext' AND v.version <> e.default_version
  ORDER BY string_to_array(v.version, '.')::int[] \gexec
--- Versions tried, and the queue row each kept across its update.
+-- Versions tried, and the queue row each kept across its update, value by value.
 SELECT * FROM upgrade_result ORDER BY string_to_array(from_version, '.')::int[];
 -- Any difference between an updated and a fresh install (none expected).
 SELECT * FROM upgrade_diff
  ORDER BY string_to_array(from_version, '.')::int[], side COLLATE "C", item COLLATE "C";
 
 -- 1.1 -> 1.2 rewrites the WHEN clause of the triggers already attached, and
--- a trigger its DBA disabled stays disabled.
-DROP EXTENSION trace_ext CASCADE;
-CREATE EXTENSION trace_ext VERSION '1.1';
-ALTER TABLE trades DISABLE TRIGGER trace_ext_enqueue;
-ALTER EXTENSION trace_ext UPDATE TO '1.2';
-SELECT tgenabled, pg_get_triggerdef(oid) AS definition
-  FROM pg_trigger WHERE tgname = 'trace_ext_enqueue';
+-- 1.2 -> 1.3 adds the INSERT trigger beside them; either keeps the state its
+-- DBA gave the trigger: DISABLE, ENABLE REPLICA, ENABLE ALWAYS.
+CREATE TEMP TABLE trigger_states (from_version text, state text, tgname name,
+                                  tgenabled "char", definition text);
+SELECT format($f$
+    DROP EXTENSION trace_ext CASCADE;
+    CREATE EXTENSION trace_ext VERSION %1$L;
+    ALTER TABLE trades %2$s TRIGGER trace_ext_enqueue;
+    ALTER EXTENSION trace_ext UPDATE TO %3$L;
+    INSERT INTO trigger_states
+    SELECT %1$L, %2$L, tgname, tgenabled, pg_get_triggerdef(oid)
+      FROM pg_trigger WHERE tgrelid = 'trades'::regclass AND tgname LIKE 'trace_ext%%';
+    $f$, v.from_version, st.state, v.to_version)
+  FROM (VALUES ('1.1', '1.2'), ('1.2', '1.3')) AS v(from_version, to_version),
+       (VALUES ('DISABLE'), ('ENABLE REPLICA'), ('ENABLE ALWAYS')) AS st(state)
+ ORDER BY 1 \gexec
+SELECT from_version, state, tgname, tgenabled
+  FROM trigger_states ORDER BY from_version, state COLLATE "C", tgname COLLATE "C";
+SELECT DISTINCT from_version, tgname COLLATE "C" AS tgname, definition
+  FROM trigger_states ORDER BY 1, 2;
 
 -- Whatever happened above, leave the default version installed and empty.
 DROP EXTENSION trace_ext CASCADE;
