@@ -21,12 +21,29 @@ env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 5}, name="trace_e2e_d
 
 BOTH = ("myfxbook", "webhook")
 
+# The default allowlist (INTERFACE.md), written out here rather than read
+# from the server, and the body trade 3 must arrive as, computed by hand
+# from test/fixtures/trade_store.sql: trade g = 3 has signal 10 + 3 % 3,
+# instrument EURUSD (element 1 + 3 % 3), side sell (3 is odd), volume
+# 1.0 + 3 % 5 as numeric(18,4), entry_price 1.08 + 3 % 7 / 100.0 as
+# numeric(18,6), opened_at 2026-01-05 08:00 UTC + 3 minutes; the rest is
+# what the close below sets.  PostgreSQL's to_json: no spaces, numerics
+# with their scale, timestamptz in ISO 8601 with the offset (TimeZone UTC).
+DEFAULT_ALLOWLIST = ["trade_id", "signal_id", "instrument", "side", "volume", "entry_price",
+                     "exit_price", "opened_at", "closed_at", "pnl", "fees"]
+TRADE_3_BODY = (b'{"trade_id":3,"signal_id":10,"instrument":"EURUSD","side":"sell",'
+                b'"volume":4.0000,"entry_price":1.110000,"exit_price":1.091200,'
+                b'"opened_at":"2026-01-05T08:03:00+00:00","closed_at":"2026-01-05T09:00:00+00:00",'
+                b'"pnl":42.10,"fees":1.25}')
+
 try:
     with t.case("delivery to myfxbook and webhook"):
         # Fixture trade 3: user 1 (opted in), signal 10 (myfxbook, webhook, file).
         env.sql("""UPDATE trades SET status = 'CLOSED', exit_price = 1.0912,
-                          closed_at = now(), pnl = 42.10, fees = 1.25
+                          closed_at = '2026-01-05 09:00:00+00', pnl = 42.10, fees = 1.25
                     WHERE trade_id = 3""")
+        t.is_(env.sql1("SHOW trace.payload_columns").split(","), DEFAULT_ALLOWLIST,
+              "trace.payload_columns is the default allowlist, as INTERFACE.md lists it")
         rows = env.rows(3)
         t.is_(sorted(rows), ["myfxbook", "webhook"],
               "closing trade 3 queued one row per enabled adapter of its signal")
@@ -42,6 +59,8 @@ try:
                          lambda: repr([x.to_dict() for x in env.sink.requests()])):
                 continue
             env.check_delivery(reqs[0], 3, a, a)
+            t.is_(reqs[0].body, TRADE_3_BODY,
+                  "%s: the body is, byte for byte, the literal computed from the fixture" % a)
         mfx = env.reqs_for(3, "myfxbook")
         wh = env.reqs_for(3, "webhook")
         t.ok(mfx and wh and mfx[0].header(env.auth_header) is None

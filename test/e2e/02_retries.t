@@ -1,11 +1,19 @@
 #!/usr/bin/python3
-"""Failures and retries, end to end: a tracker that fails then recovers
-(backoff gaps), one that always fails (abandon, NOTIFY trace_alert,
-WARNING), permanent rejections, Retry-After, redirects not followed, and
-the operator functions that re-deliver abandoned rows.
+"""Failures and retries, end to end: a tracker that fails then recovers,
+one that always fails (abandon, NOTIFY trace_alert, WARNING), permanent
+rejections, Retry-After, redirects not followed, the operator functions
+that re-deliver abandoned rows, and the backoff schedule itself.
 
-Timings: trace.retry_backoff_base = 200ms, so retry n waits
-0.2 s * 6^(n-1) +- 10 %: 0.2 s, then 1.2 s; trace.max_retries = 2."""
+The rule (INTERFACE.md): retry n waits min(base * 6^(n-1), cap) +- up to
+10 % jitter, computed when the failure is recorded: due_at = record time
++ that delay.  The checks read the delay the worker wrote, due_at minus
+now() of the transaction that recorded the failure (test/lib/outcome_log.py),
+so the bands are those of the rule, with no slack for the test's timing;
+and a retry must not reach the tracker before that due_at.
+
+Settings: trace.retry_backoff_base = 200ms, trace.max_retries = 2 (so
+0.2 s, then 1.2 s); the last case switches to base 100ms, cap 2s,
+max_retries 4 (0.1, 0.6, then 3.6 and 21.6 capped to 2 s) over 20 rows."""
 
 import json
 import select
@@ -13,14 +21,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from outcome_log import OutcomeLog, backoff, in_band  # noqa: E402
 from tap import Tap, wait_until  # noqa: E402
 from trace_e2e import TraceEnv  # noqa: E402
 
 BASE = 0.2          # trace.retry_backoff_base, seconds
-SLACK = 1.0         # generous upper slack: poll interval, scheduling, HTTP
+CAP = 3600.0        # trace.retry_backoff_cap (default), seconds
 
 t = Tap()
 env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 2}, name="trace_e2e_retries")
+log = OutcomeLog(env).install()
 
 
 def webhook_trade():
@@ -30,8 +40,26 @@ def webhook_trade():
     return tid
 
 
-def gaps(reqs):
-    return [b.time - a.time for a, b in zip(reqs, reqs[1:])]
+def fmt(outcomes):
+    return "\n".join("attempt %(attempts)s %(status)s http=%(http)s delay=%(delay).6f s" % o
+                      for o in outcomes)
+
+
+def check_schedule(outcomes, reqs, base, cap, label):
+    """Each recorded retry n waits min(base*6^(n-1), cap) +- 10 % from the
+    time its failure was recorded, and the next request did not reach the
+    tracker before that due_at."""
+    for o in (o for o in outcomes if o["status"] == "pending"):
+        n = o["attempts"]
+        nominal = backoff(n, base, cap)
+        t.ok(in_band(o["delay"], nominal),
+             "%s: retry %d scheduled %.3f s +- 10 %% after the failure was recorded "
+             "(min(base*6^%d, cap)): %.6f s" % (label, n, nominal, n - 1, o["delay"]),
+             fmt(outcomes))
+        nxt = reqs[n:n + 1]         # reqs[0] is attempt 1; retry n is attempt n + 1
+        t.ok(nxt and nxt[0].time >= o["due_epoch"] - 0.001,
+             "%s: retry %d reached the tracker no earlier than its due_at" % (label, n),
+             "request at %r, due_at %.3f" % ([r.time for r in nxt], o["due_epoch"]))
 
 
 try:
@@ -47,14 +75,11 @@ try:
         t.is_(len(reqs), 3, "three requests reached the tracker")
         t.is_({x.header("Idempotency-Key") for x in reqs}, {"%d-webhook" % tid},
               "the same Idempotency-Key on every attempt")
-        g = gaps(reqs)
-        if len(g) == 2:
-            t.ok(g[0] >= 0.9 * BASE and g[0] <= 1.1 * BASE + SLACK,
-                 "gap before retry 1 is base (0.2 s) +- 10 %%: %.3f s" % g[0])
-            t.ok(g[1] >= 0.9 * BASE * 6 and g[1] <= 1.1 * BASE * 6 + SLACK,
-                 "gap before retry 2 is base*6 (1.2 s) +- 10 %%: %.3f s" % g[1])
-        else:
-            t.fail("backoff gaps measurable", "gaps: %r" % g)
+        rec = log.outcomes(tid, "webhook")
+        t.is_([(o["attempts"], o["status"], o["http"]) for o in rec],
+              [(1, "pending", 503), (2, "pending", 503), (3, "delivered", 200)],
+              "recorded: retry after 503, retry after 503, delivered", fmt(rec))
+        check_schedule(rec, reqs, BASE, CAP, "503,503,200")
         ids = [x[0] for x in env.sql("SELECT trade_id FROM trace.failures")]
         t.ok(tid in ids, "a row that failed before it was delivered is in trace.failures")
 
@@ -70,7 +95,13 @@ try:
         r = rows.get("webhook", {})
         t.ok(r.get("status") == "abandoned" and r.get("attempts") == 3,
              "abandoned after 1 + trace.max_retries (2) = 3 attempts", repr(r))
-        t.is_(len(env.reqs_for(tid, "webhook", "/r500")), 3, "three requests reached the tracker")
+        reqs = env.reqs_for(tid, "webhook", "/r500")
+        t.is_(len(reqs), 3, "three requests reached the tracker")
+        rec = log.outcomes(tid, "webhook")
+        t.is_([(o["attempts"], o["status"]) for o in rec],
+              [(1, "pending"), (2, "pending"), (3, "abandoned")],
+              "recorded: two retries, then abandoned", fmt(rec))
+        check_schedule(rec, reqs, BASE, CAP, "always 500")
         t.ok(r.get("last_http_status") == 500 and "500" in (r.get("last_error") or ""),
              "last_http_status 500, last_error names it", repr(r))
 
@@ -129,10 +160,14 @@ try:
             t.ok(r.get("status") == "delivered" and r.get("attempts") == 2,
                  "delivered on the second attempt", repr(r))
             reqs = env.reqs_for(tid, "webhook", path)
-            g = gaps(reqs)
-            t.ok(len(g) == 1 and 1.98 <= g[0] <= 2.2 + SLACK,
-                 "the retry came >= 2 s later (Retry-After beats the 0.2 s backoff)",
-                 "gaps: %r" % (g,))
+            rec = log.retries(tid, "webhook")
+            t.ok(len(rec) == 1 and 2.0 - 2e-6 <= rec[0]["delay"] <= 2.0 + 2e-6,
+                 "the retry was scheduled exactly 2 s after the failure was recorded "
+                 "(Retry-After beats the 0.2 s backoff)", fmt(rec))
+            t.ok(len(reqs) == 2 and rec and reqs[1].time >= rec[0]["due_epoch"] - 0.001,
+                 "... and reached the tracker no earlier than that",
+                 "requests at %r, due_at %r" % ([r.time for r in reqs],
+                                               [o["due_epoch"] for o in rec]))
 
     with t.case("302: redirect not followed"):
         env.sink.set_behaviour("/r302", default={
@@ -177,6 +212,62 @@ try:
              "... and they are re-delivered", repr(rows))
         t.is_(env.sql1("SELECT trace.retry_abandoned()"), 0,
               "trace.retry_abandoned() with nothing abandoned returns 0")
+
+    with t.case("the schedule up to trace.retry_backoff_cap, with jitter, over 20 rows"):
+        base, cap, retries = 0.1, 2.0, 4
+        env.set_gucs({"trace.retry_backoff_base": "100ms", "trace.retry_backoff_cap": "2s",
+                      "trace.max_retries": retries})
+        env.sink.set_behaviour("/sched", default=500)
+        env.point("webhook", "/sched")
+        tids = [env.new_trade(user_id=1, signal_id=11) for _ in range(20)]
+        env.sql("""UPDATE trades SET status = 'CLOSED', exit_price = 1.0912,
+                          closed_at = now(), pnl = 1, fees = 0.5
+                    WHERE trade_id = ANY(%s)""", (tids,))
+
+        def all_abandoned():
+            return env.sql1("SELECT count(*) FROM trace.trace_queue WHERE trade_id = ANY(%s) "
+                            "AND status IN ('abandoned', 'delivered')", (tids,)) == len(tids)
+        t.ok(wait_until(all_abandoned, 40, 0.2),
+             "the 20 rows failing with 500 all ended (abandoned)")
+        rows = env.sqld("SELECT trade_id, status, attempts FROM trace.trace_queue "
+                        "WHERE trade_id = ANY(%s) ORDER BY trade_id", (tids,))
+        bad = [r for r in rows if (r["status"], r["attempts"]) != ("abandoned", retries + 1)]
+        t.ok(len(rows) == 20 and not bad,
+             "each abandoned after 1 + trace.max_retries (%d) = %d attempts"
+             % (retries, retries + 1), repr(bad or rows))
+        recs = {x: log.outcomes(x, "webhook") for x in tids}
+        shape = [(n, "pending") for n in range(1, retries + 1)] + [(retries + 1, "abandoned")]
+        bad = {x: [(o["attempts"], o["status"]) for o in r] for x, r in recs.items()
+               if [(o["attempts"], o["status"]) for o in r] != shape}
+        t.ok(not bad, "each row recorded %d retries, then abandoned" % retries, repr(bad))
+        for n in range(1, retries + 1):
+            nominal = backoff(n, base, cap)
+            delays = sorted(o["delay"] for r in recs.values() for o in r
+                            if o["attempts"] == n and o["status"] == "pending")
+            out = [d for d in delays if not in_band(d, nominal)]
+            t.ok(len(delays) == 20 and not out,
+                 "retry %d of all 20 rows scheduled min(%.1f*6^%d, %.0f) = %.1f s +- 10 %% after "
+                 "the failure was recorded" % (n, base, n - 1, cap, nominal),
+                 "delays: %s" % ", ".join("%.6f" % d for d in delays))
+            spread = (max(delays) - min(delays)) if delays else 0
+            t.ok(delays and min(delays) < nominal < max(delays) and spread >= 0.05 * nominal,
+                 "retry %d: the 20 delays differ (jitter), on both sides of %.1f s "
+                 "(%.3f .. %.3f s)" % (n, nominal, min(delays or [0]), max(delays or [0])),
+                 "delays: %s" % ", ".join("%.6f" % d for d in delays))
+        late = []
+        for x in tids:
+            reqs = env.reqs_for(x, "webhook", "/sched")
+            if len(reqs) != retries + 1 or {r.header("Idempotency-Key") for r in reqs} \
+                    != {"%d-webhook" % x}:
+                late.append("trade %d: %d requests, keys %r" % (
+                    x, len(reqs), sorted({r.header("Idempotency-Key") for r in reqs})))
+                continue
+            for o in recs[x]:
+                if o["status"] == "pending" and reqs[o["attempts"]].time < o["due_epoch"] - 0.001:
+                    late.append("trade %d: retry %d reached the tracker %.3f s before its due_at"
+                                % (x, o["attempts"], o["due_epoch"] - reqs[o["attempts"]].time))
+        t.ok(not late, "each row: %d requests with its own Idempotency-Key, no retry before "
+             "its due_at" % (retries + 1), "\n".join(late[:20]))
 
     with t.case("no personal data, secrets only where they belong"):
         env.check_no_pii("retries")
