@@ -62,7 +62,8 @@ env = None
 tmpdirs = []
 try:
     s3 = S3rver(BUCKET).start()
-    t.ok(True, "s3rver started on 127.0.0.1:%d with bucket %s" % (s3.port, BUCKET))
+    t.is_(s3.keys(), [], "s3rver answers on 127.0.0.1:%d: bucket %s exists and is empty"
+          % (s3.port, BUCKET))
 except Exception:
     t.fail("s3rver started (npm package s3rver at $TRACE_S3RVER)", traceback.format_exc())
     sys.exit(t.done())

@@ -578,7 +578,7 @@ try:
         os.unlink(gone)
         n_before = len(good.requests)
         _, r, _ = hostile_tracker("trace.ca_file removed after it was set", good,
-                                  ("tls", "config"), None, r"gone-ca\.pem", path="/tls")
+                                  "tls", None, r"gone-ca\.pem", path="/tls")
         t.diag("last_error: %s" % r.get("last_error"))
         t.is_(len(good.requests), n_before,
               "no request reached the tracker without the CA bundle")

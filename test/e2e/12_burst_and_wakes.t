@@ -4,9 +4,10 @@
 - A burst of 10,000 trades closed in one statement is fully delivered:
   every row ends delivered, the tracker received exactly one request per
   trade (no duplicates, none missing), by the same worker process.
-- While the queue is idle the worker runs no statement (its
-  pg_stat_activity query_start does not move), although it wakes every
-  trace.poll_interval.
+- While the queue is idle the worker runs no statement, although it wakes
+  every trace.poll_interval: pg_stat_statements (track = all, loaded here
+  whatever the canary mode) counts no call of any statement on the queue,
+  and the worker's query_start does not move either.
 - Everything that makes a row due sooner wakes it at commit, though it
   planned to sleep until the earliest due_at it knew of (rows held an hour
   by trace.delay): an operator's own UPDATE or INSERT on the queue,
@@ -27,8 +28,22 @@ FIRST = 700000
 
 t = Tap()
 env = TraceEnv.start_or_exit(t, gucs={"trace.enabled_adapters": "webhook",
-                                      "max_prepared_transactions": 4},
+                                      "max_prepared_transactions": 4,
+                                      "shared_preload_libraries": "trace_ext,pg_stat_statements",
+                                      "pg_stat_statements.track": "all"},
                              name="trace_e2e_burst")
+env.sql("SET client_min_messages = warning")
+env.sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+env.sql("RESET client_min_messages")
+
+
+def queue_statement_calls():
+    """Calls of every statement that reads or writes the queue, by anyone
+    (the worker's claim, next-due, record, clean-up...), counted by
+    pg_stat_statements, independent of what the worker reports itself."""
+    return env.sql1("SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements "
+                    " WHERE query ILIKE '%%trace_queue%%' "
+                    "   AND query NOT ILIKE '%%pg_stat_statements%%'")
 
 
 def worker_query_start():
@@ -70,9 +85,15 @@ try:
     with t.case("an idle worker runs no statement"):
         time.sleep(1)
         before = worker_query_start()
-        time.sleep(3)     # 30 x trace.poll_interval (100ms)
+        calls = queue_statement_calls()
+        time.sleep(3)     # 30 x trace.poll_interval (100ms): the window observed
+        t.is_(queue_statement_calls(), calls,
+              "no statement on the queue over 3 s of wake-ups (pg_stat_statements: "
+              "no claim, no next-due query)")
+        t.ok(calls > 0, "(pg_stat_statements does see the worker's statements: %d calls "
+             "during the burst)" % calls)
         t.is_(worker_query_start(), before,
-              "query_start unchanged over 3 s of wake-ups (no claim, no next-due query)")
+              "query_start unchanged too")
         t.is_(env.sql1("SELECT state FROM pg_stat_activity "
                        " WHERE backend_type = 'trace_ext worker'"), "idle", "state idle")
 
