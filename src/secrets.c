@@ -46,6 +46,7 @@ static SecretDef secrets[] = {
 
 #define NUM_SECRETS lengthof(secrets)
 #define REDACTED "********"
+#define STATEMENT_NOT_LOGGED "<a statement naming a secret parameter of trace_ext, not logged>"
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
 
@@ -375,40 +376,108 @@ redact_quoted(const char *msg)
 }
 
 /*
- * A logged statement ("statement: ...", "execute <name>: ...", with or
- * without "duration: ... ms  ") that names a secret parameter: keep the
- * prefix, drop the statement, whose value may be unquoted or spelt any
- * way.  NULL if the message is not a logged statement.
+ * Log entries are recognised by what they are, not by their text, which
+ * lc_messages may have translated ("Anweisung: ...", "оператор: ..."):
+ * message_id is the untranslated format string PostgreSQL gave errmsg().
+ */
+
+/* Is this entry a logged statement (log_statement, log_min_duration_*)? */
+static bool
+is_statement_log(const ErrorData *edata)
+{
+	static const char *const kinds[] = {"statement: ", "duration: ", "execute ",
+	"parse ", "bind "};
+	const char *id = edata->message_id;
+
+	if (id == NULL)
+		return false;
+	for (int k = 0; k < lengthof(kinds); k++)
+		if (strncmp(id, kinds[k], strlen(kinds[k])) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * A logged statement that names a secret parameter: keep what comes
+ * before the statement's text (in the server's language), drop the text,
+ * whose value may be unquoted or spelt any way.
  */
 static char *
 redact_statement(const char *msg)
 {
-	static const char *const kinds[] = {"statement: ", "execute ", "parse ", "bind "};
-	const char *p = msg;
+	const char *body = NULL;
 
-	if (strncmp(p, "duration: ", 10) == 0)
-	{
-		const char *q = strstr(p, " ms  ");
+	if (debug_query_string != NULL && debug_query_string[0] != '\0')
+		body = strstr(msg, debug_query_string);
+	if (body == NULL)
+		return pstrdup(STATEMENT_NOT_LOGGED);
+	return psprintf("%.*s%s", (int) (body - msg), msg, STATEMENT_NOT_LOGGED);
+}
 
-		if (q == NULL)
-			return NULL;
-		p = q + 5;
-	}
-	for (int k = 0; k < lengthof(kinds); k++)
+/* The qualified name of the first secret parameter a text names. */
+static const char *
+secret_named(const char *text)
+{
+	for (int i = 0; i < NUM_SECRETS; i++)
+		if (find_ci(text, secrets[i].name) != NULL)
+			return psprintf("trace.%s", secrets[i].name);
+	return "trace.?";
+}
+
+/*
+ * Any other entry that names a secret parameter ("parameter "%s" changed
+ * to "%s"", "invalid value for parameter "%s": "%s"", ...): rebuilt from
+ * its untranslated format, the parameter's name in the first
+ * 'parameter "%s"', every other argument ********.  Translated quotes
+ * (»...«, «...», "...") cannot hide a value this way.  NULL when the
+ * parameter's name is the format's only argument ("parameter "%s" cannot
+ * be changed now"): such a message holds no value and keeps its language.
+ */
+static char *
+rebuild_from_format(const char *fmt, const char *name)
+{
+	StringInfoData out;
+	bool		named = false;
+	int			others = 0;
+
+	initStringInfo(&out);
+	for (const char *p = fmt; *p; p++)
 	{
-		if (strncmp(p, kinds[k], strlen(kinds[k])) == 0)
+		if (*p != '%')
 		{
-			const char *body = (k == 0) ? p + strlen(kinds[k]) : strstr(p, ": ");
-
-			if (body == NULL)
-				return NULL;
-			if (k != 0)
-				body += 2;
-			return psprintf("%.*s<a statement naming a secret parameter of trace_ext, not logged>",
-							(int) (body - msg), msg);
+			appendStringInfoChar(&out, *p);
+			continue;
+		}
+		if (p[1] == '%')
+		{
+			appendStringInfoChar(&out, '%');
+			p++;
+			continue;
+		}
+		/* skip flags, width, precision and length up to the conversion */
+		while (p[1] && strchr("-+ #0123456789.*hlLqjzt", p[1]) != NULL)
+			p++;
+		if (p[1] == '\0')
+			break;
+		p++;
+		if (*p == 's' && !named && out.len >= 11 &&
+			strncmp(out.data + out.len - 11, "parameter \"", 11) == 0)
+		{
+			appendStringInfoString(&out, name);
+			named = true;
+		}
+		else
+		{
+			appendStringInfoString(&out, REDACTED);
+			others++;
 		}
 	}
-	return NULL;
+	if (named && others == 0)
+	{
+		pfree(out.data);
+		return NULL;
+	}
+	return out.data;
 }
 
 /* Replace every occurrence of a known secret value. */
@@ -466,9 +535,18 @@ redact_log(ErrorData *edata)
 {
 	if (names_secret(edata->message))
 	{
-		char	   *stmt = redact_statement(edata->message);
+		if (is_statement_log(edata))
+			edata->message = redact_statement(edata->message);
+		else if (edata->message_id != NULL)
+		{
+			char	   *rebuilt = rebuild_from_format(edata->message_id,
+													  secret_named(edata->message));
 
-		edata->message = stmt ? stmt : redact_quoted(edata->message);
+			if (rebuilt != NULL)
+				edata->message = rebuilt;
+		}
+		else
+			edata->message = redact_quoted(edata->message);
 		/* "parameters: $1 = '...'" of a logged bind/execute */
 		if (edata->detail_log)
 			edata->detail_log = redact_quoted(edata->detail_log);

@@ -141,7 +141,7 @@ want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
           postgresql-15-pgtap pgtap python3-psycopg2 make gcc
           prometheus prometheus-postgres-exporter python3-botocore faketime
-          nodejs)
+          nodejs locales)
 if [ -n "$do_install" ]; then
     . "$repo/test/lib/packages.sh"
     ensure_packages "${packages[@]}" || exit 1
