@@ -28,7 +28,12 @@ _PG_init(void)
 
 	trace_define_gucs();
 
-	if (!trace_preloaded)
+	/*
+	 * pg_upgrade's servers (binary upgrade mode) must not deliver: the
+	 * catalogs are being rebuilt under them.  The workers start with the
+	 * upgraded cluster.
+	 */
+	if (!trace_preloaded || IsBinaryUpgrade)
 		return;
 
 	trace_shmem_install();

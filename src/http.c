@@ -185,8 +185,11 @@ trace_http_init(void)
 	multi = curl_multi_init();
 	if (multi == NULL)
 		ereport(FATAL, (errmsg("trace_ext: could not create a libcurl multi handle")));
-	curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket);
-	curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer);
+	if (curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket) != CURLM_OK ||
+		curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer) != CURLM_OK)
+		ereport(FATAL,
+				(errmsg("trace_ext: this libcurl lacks the multi_socket API (%s)",
+						curl_version())));
 }
 
 static size_t
@@ -247,45 +250,67 @@ on_header(char *data, size_t size, size_t nmemb, void *arg)
 	return len;
 }
 
-static void
-set_options(Transfer *t, TraceRequest *req)
+/*
+ * Set one option; a libcurl that refuses one (too old for
+ * CURLOPT_PROTOCOLS_STR, say) must not send the request without it: the
+ * name of the option is kept for the failure.
+ */
+#define SET_OPTION(opt, value) \
+	do { \
+		CURLcode	rc_ = curl_easy_setopt(e, opt, value); \
+		if (rc_ != CURLE_OK) \
+		{ \
+			*refused = #opt; \
+			*code = rc_; \
+			return false; \
+		} \
+	} while (0)
+
+/* All the options of a transfer; false (and which one) if one is refused. */
+static bool
+set_options(Transfer *t, TraceRequest *req, const char **refused, CURLcode *code)
 {
 	CURL	   *e = t->easy;
 
-	curl_easy_setopt(e, CURLOPT_URL, req->url);
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(e, CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long) trace_http_timeout_ms);
-	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long) trace_http_timeout_ms);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 2L);
+	SET_OPTION(CURLOPT_URL, req->url);
+	SET_OPTION(CURLOPT_PROTOCOLS_STR, "http,https");
+	SET_OPTION(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+	SET_OPTION(CURLOPT_FOLLOWLOCATION, 0L);
+	SET_OPTION(CURLOPT_NOSIGNAL, 1L);
+	SET_OPTION(CURLOPT_TIMEOUT_MS, (long) trace_http_timeout_ms);
+	SET_OPTION(CURLOPT_CONNECTTIMEOUT_MS, (long) trace_http_timeout_ms);
+	SET_OPTION(CURLOPT_SSL_VERIFYPEER, 1L);
+	SET_OPTION(CURLOPT_SSL_VERIFYHOST, 2L);
 	if (trace_ca_file != NULL && trace_ca_file[0] != '\0')
-		curl_easy_setopt(e, CURLOPT_CAINFO, trace_ca_file);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDS, req->body);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
+		SET_OPTION(CURLOPT_CAINFO, trace_ca_file);
+	SET_OPTION(CURLOPT_POSTFIELDS, req->body);
+	SET_OPTION(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) req->body_len);
 	if (strcmp(req->method, "POST") != 0)
-		curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, req->method);
-	curl_easy_setopt(e, CURLOPT_HTTPHEADER, req->headers);
+		SET_OPTION(CURLOPT_CUSTOMREQUEST, req->method);
+	SET_OPTION(CURLOPT_HTTPHEADER, req->headers);
 	if (req->aws_sigv4 != NULL)
 	{
-		curl_easy_setopt(e, CURLOPT_AWS_SIGV4, req->aws_sigv4);
-		curl_easy_setopt(e, CURLOPT_USERPWD, req->userpwd);
+		SET_OPTION(CURLOPT_AWS_SIGV4, req->aws_sigv4);
+		SET_OPTION(CURLOPT_USERPWD, req->userpwd);
 	}
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
-	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
-	curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
-	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
-	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+	SET_OPTION(CURLOPT_WRITEFUNCTION, on_body);
+	SET_OPTION(CURLOPT_WRITEDATA, t);
+	SET_OPTION(CURLOPT_HEADERFUNCTION, on_header);
+	SET_OPTION(CURLOPT_HEADERDATA, t);
+	SET_OPTION(CURLOPT_ERRORBUFFER, t->errbuf);
+	SET_OPTION(CURLOPT_PRIVATE, t);
+	return true;
 }
+
+#undef SET_OPTION
 
 /* Start sending item; on failure to start, it is finished at once. */
 void
 trace_http_start(TraceItem *item, TraceRequest *req)
 {
 	Transfer   *t = calloc(1, sizeof(Transfer));
+	const char *refused = NULL;
+	CURLcode	code = CURLE_OK;
 
 	if (t == NULL || (t->easy = curl_easy_init()) == NULL)
 	{
@@ -298,7 +323,20 @@ trace_http_start(TraceItem *item, TraceRequest *req)
 	t->item = item;
 	t->headers = req->headers;
 	t->retry_after = -1;
-	set_options(t, req);
+	if (!set_options(t, req, &refused, &code))
+	{
+		curl_easy_cleanup(t->easy);
+		curl_slist_free_all(t->headers);
+		free(t);
+		ereport(WARNING,
+				(errmsg("trace_ext: libcurl %s refused %s: %s; nothing is sent without it",
+						curl_version_info(CURLVERSION_NOW)->version, refused,
+						curl_easy_strerror(code))));
+		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG,
+						   "libcurl refused %s: %s", refused, curl_easy_strerror(code));
+		trace_http_push_done(item);
+		return;
+	}
 	INSTR_TIME_SET_CURRENT(t->start);
 
 	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)

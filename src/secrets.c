@@ -425,21 +425,61 @@ secret_named(const char *text)
 }
 
 /*
- * Any other entry that names a secret parameter ("parameter "%s" changed
- * to "%s"", "invalid value for parameter "%s": "%s"", ...): rebuilt from
- * its untranslated format, the parameter's name in the first
- * 'parameter "%s"', every other argument ********.  Translated quotes
- * (»...«, «...», "...") cannot hide a value this way.  NULL when the
- * parameter's name is the format's only argument ("parameter "%s" cannot
- * be changed now"): such a message holds no value and keeps its language.
+ * The conversions of a printf format, in order: their count, and the
+ * index of the one holding the parameter's name (the %s right after
+ * 'parameter "', else the first %s; -1 if none).
+ */
+static int
+format_conversions(const char *fmt, int *name_at)
+{
+	int			n = 0;
+
+	*name_at = -1;
+	for (const char *p = fmt; *p; p++)
+	{
+		const char *start = p;
+
+		if (*p != '%')
+			continue;
+		if (p[1] == '%')
+		{
+			p++;
+			continue;
+		}
+		while (p[1] && strchr("-+ #0123456789.*hlLqjzt", p[1]) != NULL)
+			p++;
+		if (p[1] == '\0')
+			break;
+		p++;
+		if (*p == 's' && start - fmt >= 11 &&
+			strncmp(start - 11, "parameter \"", 11) == 0)
+			*name_at = n;
+		else if (*p == 's' && *name_at < 0)
+			*name_at = n;
+		n++;
+	}
+	return n;
+}
+
+/*
+ * Any other entry that names a secret parameter and may carry a value
+ * ("parameter "%s" changed to "%s"", "invalid value for parameter "%s":
+ * "%s"", ...): rebuilt from its untranslated format, the parameter's name
+ * in place of its argument and ******** for every other one.  Translated
+ * quotes (»...«, «...») cannot hide a value this way.  NULL when the
+ * format has one argument at most, which is then the name ("parameter
+ * "%s" cannot be changed now"): such a message holds no value and keeps
+ * its language.
  */
 static char *
 rebuild_from_format(const char *fmt, const char *name)
 {
 	StringInfoData out;
-	bool		named = false;
-	int			others = 0;
+	int			name_at;
+	int			k = 0;
 
+	if (format_conversions(fmt, &name_at) <= 1)
+		return NULL;
 	initStringInfo(&out);
 	for (const char *p = fmt; *p; p++)
 	{
@@ -454,28 +494,12 @@ rebuild_from_format(const char *fmt, const char *name)
 			p++;
 			continue;
 		}
-		/* skip flags, width, precision and length up to the conversion */
 		while (p[1] && strchr("-+ #0123456789.*hlLqjzt", p[1]) != NULL)
 			p++;
 		if (p[1] == '\0')
 			break;
 		p++;
-		if (*p == 's' && !named && out.len >= 11 &&
-			strncmp(out.data + out.len - 11, "parameter \"", 11) == 0)
-		{
-			appendStringInfoString(&out, name);
-			named = true;
-		}
-		else
-		{
-			appendStringInfoString(&out, REDACTED);
-			others++;
-		}
-	}
-	if (named && others == 0)
-	{
-		pfree(out.data);
-		return NULL;
+		appendStringInfoString(&out, k++ == name_at ? name : REDACTED);
 	}
 	return out.data;
 }
