@@ -32,6 +32,10 @@
 #   retry-after-date-ignored  Retry-After as an HTTP date not honoured        e2e 17_statuses
 #   retry-after-uncapped    Retry-After honoured beyond 24 h                  e2e 17_statuses
 #   no-periodic-cleanup     the worker never runs trace.cleanup()             e2e 17_statuses
+#   workers-under-pg-upgrade  workers start under pg_upgrade's servers         e2e 21_pg_upgrade
+#   english-only-log-filter the log filter knows English statement lines only e2e 20_locales
+#   no-consent-check        withdrawn consent no longer vetoes a send         e2e 15_consent
+#   no-insert-trigger       trace.attach() installs no AFTER INSERT trigger   e2e 14_trigger_paths
 #
 # Not part of test/run.sh.  Run as root (the e2e tests run their clusters
 # as the postgres OS user), from anywhere:
@@ -65,6 +69,10 @@ MUTANTS=(
     "retry-after-date-ignored|17_statuses.t|on_header(): Retry-After as an HTTP date not honoured"
     "retry-after-uncapped|17_statuses.t|next_status(): Retry-After honoured beyond 24 h"
     "no-periodic-cleanup|17_statuses.t|the worker's loop never calls cleanup_if_due()"
+    "workers-under-pg-upgrade|21_pg_upgrade.t|_PG_init registers the workers in binary upgrade mode too"
+    "english-only-log-filter|20_locales.t|the log filter recognises logged statements by their English prefix only"
+    "no-consent-check|15_consent.t|the worker no longer vetoes rows whose trader withdrew consent"
+    "no-insert-trigger|14_trigger_paths.t|trace.attach() installs no AFTER INSERT trigger"
 )
 
 die() { echo "mutants.sh: $*" >&2; exit 2; }
@@ -132,6 +140,15 @@ ${1}/' &&
             edit src/queue.c 's/(#define MAX_RETRY_AFTER_S\s+)\(24 \* 3600\)/${1}INT_MAX/' ;;
         no-periodic-cleanup)
             edit src/worker.c 's/\n\t\tcleanup_if_due\(\);\n/\n/' ;;
+        workers-under-pg-upgrade)
+            edit trace_ext.c 's/if \(!trace_preloaded \|\| IsBinaryUpgrade\)/if (!trace_preloaded)/' ;;
+        english-only-log-filter)
+            edit src/secrets.c 's/(static bool\nis_statement_log\(const ErrorData \*edata\)\n\{\n)/${1}\tif (edata->message == NULL || strncmp(edata->message, "statement: ", 11) != 0)\n\t\treturn false;\n/' ;;
+        no-consent-check)
+            edit src/payload.c 's/\tif \(t->user_veto\)\n\t\treturn t->user_veto;\n//' ;;
+        no-insert-trigger)
+            edit trace_ext--1.2--1.3.sql "s/    EXECUTE pg_catalog.format\('ALTER TABLE %s %s TRIGGER trace_ext_enqueue_insert', trades, state\);\n//" &&
+            edit trace_ext--1.2--1.3.sql "s/IF NOT EXISTS \(SELECT 1 FROM pg_catalog.pg_trigger\n                    WHERE tgrelid = trades AND tgname = 'trace_ext_enqueue_insert'\) THEN/IF false THEN/" ;;
         *) echo "unknown mutant $1" >&2; return 1 ;;
     esac
 }
