@@ -493,6 +493,21 @@ trace_queue_record(TraceItem **items, int n)
 }
 
 /*
+ * The worker's housekeeping (clean-up, reconciliation) gives way to DDL: a
+ * lock it cannot have at once (DROP EXTENSION, ALTER TABLE on a trades
+ * table in progress) ends its transaction with ERRCODE_LOCK_NOT_AVAILABLE
+ * well before deadlock_timeout, instead of making the DBA's statement the
+ * victim of a deadlock.  The caller tries again later.
+ */
+static void
+yield_to_ddl(void)
+{
+	if (SPI_execute("SELECT pg_catalog.set_config('lock_timeout', '100', true)",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not set lock_timeout");
+}
+
+/*
  * trace.cleanup(), run by the worker now and then; *oldest is the
  * created_at of the oldest row left (DT_NOEND if none).
  */
@@ -504,6 +519,7 @@ trace_queue_cleanup(TimestampTz *oldest)
 	Datum		d;
 
 	begin_tx("trace_ext: deleting rows older than trace.ttl");
+	yield_to_ddl();
 	if (SPI_execute("SELECT trace.cleanup()", false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "trace_ext: cleanup failed");
 	deleted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
@@ -530,6 +546,7 @@ trace_queue_reconcile(void)
 	bool		isnull;
 
 	begin_tx("trace_ext: reconciling closed trades with the queue");
+	yield_to_ddl();
 	if (SPI_execute("SELECT pg_catalog.to_regprocedure("
 					"'trace.reconcile(timestamptz, boolean)') IS NOT NULL",
 					true, 1) != SPI_OK_SELECT)

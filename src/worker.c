@@ -359,6 +359,36 @@ run_pass_guarded(bool *extension_ok)
 	return next_due;
 }
 
+/* How soon housekeeping that gave way to DDL tries again. */
+#define HOUSEKEEPING_RETRY_MS	10000
+
+/*
+ * Report an error of the worker's housekeeping and clean up after it.  A
+ * lock it gave way to (see yield_to_ddl in queue.c) is not an error: LOG.
+ * Returns whether it was that.
+ */
+static bool
+housekeeping_failed(const char *what)
+{
+	ErrorData  *edata;
+	bool		yielded;
+	MemoryContext old = MemoryContextSwitchTo(worker_cxt);
+
+	edata = CopyErrorData();
+	MemoryContextSwitchTo(old);
+	yielded = edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+	if (yielded)
+		ereport(LOG,
+				(errmsg("trace_ext: %s gave way to a lock held by another session; retrying in %d s",
+						what, HOUSEKEEPING_RETRY_MS / 1000)));
+	else
+		EmitErrorReport();
+	FlushErrorState();
+	FreeErrorData(edata);
+	AbortOutOfAnyTransaction();
+	return yielded;
+}
+
 /*
  * Run trace.cleanup() when rows may have outlived trace.ttl: at start,
  * then when the oldest row left expires, but at most every ttl/4 (and
@@ -390,9 +420,9 @@ cleanup_if_due(void)
 	}
 	PG_CATCH();
 	{
-		EmitErrorReport();
-		FlushErrorState();
-		AbortOutOfAnyTransaction();
+		if (housekeeping_failed("the clean-up"))
+			next_cleanup = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   HOUSEKEEPING_RETRY_MS);
 	}
 	PG_END_TRY();
 }
@@ -422,9 +452,10 @@ reconcile_if_due(void)
 	}
 	PG_CATCH();
 	{
-		EmitErrorReport();
-		FlushErrorState();
-		AbortOutOfAnyTransaction();
+		if (housekeeping_failed("the reconciliation sweep") &&
+			trace_reconcile_interval_s > 0 && my_slot == 0)
+			next_reconcile = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														 HOUSEKEEPING_RETRY_MS);
 		queued = 0;
 	}
 	PG_END_TRY();

@@ -147,8 +147,13 @@ ${1}/' &&
         no-consent-check)
             edit src/payload.c 's/\tif \(t->user_veto\)\n\t\treturn t->user_veto;\n//' ;;
         no-insert-trigger)
-            edit trace_ext--1.2--1.3.sql "s/    EXECUTE pg_catalog.format\('ALTER TABLE %s %s TRIGGER trace_ext_enqueue_insert', trades, state\);\n//" &&
-            edit trace_ext--1.2--1.3.sql "s/IF NOT EXISTS \(SELECT 1 FROM pg_catalog.pg_trigger\n                    WHERE tgrelid = trades AND tgname = 'trace_ext_enqueue_insert'\) THEN/IF false THEN/" ;;
+            # attach() in the fresh install script (a new install) and in
+            # the update's (installs updated from 1.2) alike
+            for f in trace_ext--1.3.sql trace_ext--1.2--1.3.sql; do
+                edit $f "s/    EXECUTE pg_catalog.format\('ALTER TABLE %s %s TRIGGER trace_ext_enqueue_insert', trades, state\);\n//" &&
+                edit $f "s/IF NOT EXISTS \(SELECT 1 FROM pg_catalog.pg_trigger\n                    WHERE tgrelid = trades AND tgname = 'trace_ext_enqueue_insert'\) THEN/IF false THEN/" ||
+                    return 1
+            done ;;
         *) echo "unknown mutant $1" >&2; return 1 ;;
     esac
 }
@@ -203,6 +208,12 @@ mkdir -p "$pg/usr/lib/postgresql" "$pg/usr/share/postgresql" "$pg/usr/include"
 cp -a "/usr/lib/postgresql/$PG_MAJOR" "$pg/usr/lib/postgresql/" &&
 cp -a "/usr/share/postgresql/$PG_MAJOR" "$pg/usr/share/postgresql/" &&
 cp -a /usr/include/postgresql "$pg/usr/include/" || die "could not copy PostgreSQL to $pg"
+# PostgreSQL's message translations (e2e 20_locales), found relative to bindir too.
+for mo in /usr/share/locale/*/LC_MESSAGES/postgres-$PG_MAJOR.mo; do
+    [ -f "$mo" ] || continue
+    rel=${mo#/}
+    mkdir -p "$pg/$(dirname "$rel")" && cp -a "$mo" "$pg/$rel"
+done
 bindir=$pg/usr/lib/postgresql/$PG_MAJOR/bin
 pg_config=$bindir/pg_config
 [ "$("$pg_config" --sharedir)" = "$pg/usr/share/postgresql/$PG_MAJOR" ] &&
