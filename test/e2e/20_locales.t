@@ -139,8 +139,11 @@ try:
                  "%s: the server answered in that language: %s" % (loc, language))
             t.is_(len(errors), 6, "%s: SET, set_config and ALTER ROLE refused, twice" % loc,
                   "\n".join(errors))
-            t.ok(log.count(PLACEHOLDER) >= 8,
-                 "%s: the 8 statements were logged, each with its text replaced (%d)"
+            # log_statement logs all four statements; log_min_duration_statement
+            # only the one that completes (ALTER SYSTEM): 5 at least.
+            t.ok(log.count(PLACEHOLDER) >= 5,
+                 "%s: the 5 logged statements (4 by log_statement, the one that "
+                 "completes by log_min_duration_statement) have their text replaced (%d)"
                  % (loc, log.count(PLACEHOLDER)),
                  "\n".join(ln for ln in log.splitlines() if "trace." in ln)[-3000:])
             t.ok(rebuilt, "%s: the reload line names the parameter and hides the value: %s"
