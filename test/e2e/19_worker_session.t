@@ -27,8 +27,8 @@ once while the two workers claim and record.  Then:
 
 The application's sessions run under the isolation level the database or
 role sets (retrying their own serialization failures, as an application
-on such a platform does) and set the other settings back for themselves:
-what is tested is the worker's session, not theirs.
+on such a platform does) and set the other settings back as they connect
+(PGOPTIONS): what is tested is the worker's session, not theirs.
 
 A record transaction that fails for a transient reason is retried: a
 trigger on the queue (test-only) raises serialization_failure (40001),
@@ -38,6 +38,7 @@ attempts).  The worker logs the retry, the row is delivered in one
 attempt, one request, and no ERROR from the worker.
 No timing is asserted: the waits are generous upper bounds."""
 
+import os
 import re
 import sys
 import threading
@@ -63,10 +64,11 @@ SETTINGS = [
     ("idle_in_transaction_session_timeout", "1ms"),
     ("default_transaction_read_only", "on"),
 ]
-# What the application's sessions set back for themselves.
-CLIENT_RESETS = ("SET statement_timeout = 0; SET lock_timeout = 0; "
-                 "SET idle_in_transaction_session_timeout = 0; "
-                 "SET default_transaction_read_only = off")
+# What the application's sessions set back for themselves, as they connect
+# (PGOPTIONS: a client's settings win over the database's and the role's).
+CLIENT_OPTIONS = ("-c statement_timeout=0 -c lock_timeout=0 "
+                  "-c idle_in_transaction_session_timeout=0 "
+                  "-c default_transaction_read_only=off")
 WORKER_LINE = re.compile(r"^\S+ \S+ \S+ \[(\d+)\] trace_ext worker ")
 BAD_LEVEL = re.compile(r"\b(ERROR|FATAL|PANIC):")
 
@@ -84,8 +86,9 @@ def level_sql(level, verb):
 def restart_workers():
     """Terminate the workers and wait for the postmaster to start as many
     new ones (they read the database's and role's settings as they
-    connect); returns the server log offset from which the new workers
-    are the only ones logging."""
+    connect); returns the server log offsets before the restart and from
+    where the new workers are the only ones logging."""
+    before = env.cluster.log_size()
     old = set(env.worker_pids())
     env.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             " WHERE backend_type = 'trace_ext worker'")
@@ -93,7 +96,7 @@ def restart_workers():
         set(env.worker_pids())), 20)
     if not new:
         raise RuntimeError("the workers were not restarted: %r" % env.worker_pids())
-    return env.cluster.log_size()
+    return before, env.cluster.log_size()
 
 
 def worker_problems(since):
@@ -115,7 +118,6 @@ def close_concurrently(first, last):
         try:
             conn = env.cluster.connect(DB)
             cur = conn.cursor()
-            cur.execute(CLIENT_RESETS)
             for tid in ids:
                 for _ in range(50):
                     try:
@@ -135,10 +137,18 @@ def close_concurrently(first, last):
     ids = list(range(first, last + 1))
     threads = [threading.Thread(target=client, args=(ids[i::CLIENTS],))
                for i in range(CLIENTS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
+    saved = os.environ.get("PGOPTIONS")
+    os.environ["PGOPTIONS"] = CLIENT_OPTIONS
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    finally:
+        if saved is None:
+            del os.environ["PGOPTIONS"]
+        else:
+            os.environ["PGOPTIONS"] = saved
     return errors
 
 
@@ -152,7 +162,7 @@ def scenario(level, name, value, first):
     label = "%s = '%s' (%s level)" % (name, value, level)
     env.sql(level_sql(level, "SET %s = %%s" % name), (value,))
     try:
-        since = restart_workers()
+        restarted, since = restart_workers()
         probe = env.cluster.connect(DB)
         try:
             cur = probe.cursor()
@@ -185,7 +195,7 @@ def scenario(level, name, value, first):
         t.ok(not bad, "%s: no ERROR from the workers" % label, "\n".join(bad[:10]))
         if name == "default_transaction_read_only":
             t.ok(re.search(r"trace_ext worker LOG:.*default_transaction_read_only",
-                           env.cluster.log_text(since)),
+                           env.cluster.log_text(restarted)),
                  "%s: the worker logs that it runs read-write nonetheless" % label)
     finally:
         env.sql(level_sql(level, "RESET %s" % name))
