@@ -564,16 +564,17 @@ wait_for_database(void)
  *   statement_timeout, armed only for a client's statements); pinned all
  *   the same, so that a version that does cannot end the worker.
  * - default_transaction_read_only = off.  The worker writes the queue.  A
- *   database or role set read-only that way is told (LOG) once, here.
+ *   database or role (or server) set read-only that way is told (LOG) once,
+ *   here.
  */
 static void
 pin_session_settings(void)
 {
 	if (DefaultXactReadOnly)
 		ereport(LOG,
-				(errmsg("trace_ext: default_transaction_read_only is on for database \"%s\" or for the worker's role; the worker's own transactions are read-write",
+				(errmsg("trace_ext: default_transaction_read_only is on in database \"%s\"; the worker's own transactions are read-write all the same",
 						trace_database),
-				 errdetail("The worker must record its deliveries in trace.trace_queue.")));
+				 errdetail("It is set for the database, for the worker's role or for the server; the worker must record its deliveries in trace.trace_queue.")));
 	SetConfigOption("default_transaction_isolation", "read committed",
 					PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET, PGC_S_OVERRIDE);
