@@ -7,7 +7,10 @@
  * rows with FOR UPDATE SKIP LOCKED (workers never wait on each other) and
  * leases them: status 'sending', due_at = end of lease.  Recording is one
  * set-based UPDATE per round that only touches rows whose lease is still
- * ours.  Must only be called by a worker, outside any transaction.
+ * ours, and is run again when it fails for a transient reason, so that a
+ * serialization failure or a deadlock never drops outcomes (their rows
+ * would be sent again).  Must only be called by a worker, outside any
+ * transaction.
  */
 #include "postgres.h"
 
@@ -19,8 +22,10 @@
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "nodes/pg_list.h"
 #include "pgstat.h"
 #include "utils/array.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/memutils.h"
@@ -413,29 +418,143 @@ prepare_record_plan(void)
 							6, types);
 }
 
-static void
-warn_abandoned(void)
+/* An abandoned row, as the record statement returned it. */
+typedef struct AbandonedRow
+{
+	char	   *trade;
+	char	   *adapter;
+	char	   *attempts;
+	char	   *error;
+} AbandonedRow;
+
+/* The abandoned rows of the record statement just run, copied into cxt. */
+static List *
+read_abandoned(MemoryContext cxt)
 {
 	SPITupleTable *tt = SPI_tuptable;
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	List	   *rows = NIL;
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		char	   *trade = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
-		char	   *adapter = SPI_getvalue(tt->vals[i], tt->tupdesc, 2);
-		char	   *attempts = SPI_getvalue(tt->vals[i], tt->tupdesc, 3);
-		char	   *error = SPI_getvalue(tt->vals[i], tt->tupdesc, 4);
+		AbandonedRow *row = palloc(sizeof(AbandonedRow));
+
+		row->trade = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+		row->adapter = SPI_getvalue(tt->vals[i], tt->tupdesc, 2);
+		row->attempts = SPI_getvalue(tt->vals[i], tt->tupdesc, 3);
+		row->error = SPI_getvalue(tt->vals[i], tt->tupdesc, 4);
+		rows = lappend(rows, row);
+	}
+	MemoryContextSwitchTo(old);
+	return rows;
+}
+
+/* Warn of the rows abandoned, once their recording has committed. */
+static void
+warn_abandoned(List *rows)
+{
+	ListCell   *lc;
+
+	foreach(lc, rows)
+	{
+		AbandonedRow *row = lfirst(lc);
 
 		ereport(WARNING,
 				(errmsg("trace_ext: giving up on trade %s for adapter %s after %s attempts: %s",
-						trade, adapter, attempts, error ? error : "unknown error"),
+						row->trade, row->adapter, row->attempts,
+						row->error ? row->error : "unknown error"),
 				 errhint("Fix the cause, then call trace.retry() or trace.retry_abandoned().")));
 	}
 }
 
 /*
+ * How many times a record transaction is tried when it fails for a
+ * transient reason, and the pause before the next try (times the tries
+ * made), so that the transaction in the way can finish.
+ */
+#define RECORD_TRIES		5
+#define RECORD_RETRY_MS		20
+
+/*
+ * Errors after which the same record transaction, run again, may well
+ * succeed: a serialization failure or a deadlock (the other transaction
+ * went on), a lock not available.  Any other error is not retried: the
+ * pass fails, and the rows are sent again when their lease ends.
+ */
+static bool
+transient_error(int sqlerrcode)
+{
+	switch (sqlerrcode)
+	{
+		case ERRCODE_TRANSACTION_ROLLBACK:
+		case ERRCODE_T_R_SERIALIZATION_FAILURE:
+		case ERRCODE_T_R_DEADLOCK_DETECTED:
+		case ERRCODE_LOCK_NOT_AVAILABLE:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/* One try: the record statement in a transaction of its own. */
+static List *
+record_once(Datum *values, MemoryContext cxt)
+{
+	List	   *abandoned;
+
+	begin_tx("trace_ext: recording outcomes");
+	prepare_record_plan();
+	if (SPI_execute_plan(record_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "trace_ext: could not record delivery outcomes");
+	abandoned = read_abandoned(cxt);
+	end_tx();
+	return abandoned;
+}
+
+/*
+ * Try to record, the rows abandoned copied into cxt; false if the
+ * transaction failed for a transient reason and may be tried again (it
+ * has been rolled back and the failure logged).  Any other error, or the
+ * last try's, is raised.  Dropping outcomes means sending their rows
+ * again, so a transient failure must not do that.
+ */
+static bool
+record_try(Datum *values, int tries, MemoryContext cxt, List **abandoned)
+{
+	volatile bool done = true;
+
+	PG_TRY();
+	{
+		*abandoned = record_once(values, cxt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		if (tries >= RECORD_TRIES || !transient_error(edata->sqlerrcode))
+			PG_RE_THROW();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		MemoryContextSwitchTo(cxt);		/* the abort left us in TopMemoryContext */
+		pgstat_report_activity(STATE_IDLE, NULL);
+		ereport(LOG,
+				(errmsg("trace_ext: recording delivery outcomes failed, retrying (try %d of %d): %s",
+						tries + 1, RECORD_TRIES, edata->message)));
+		FreeErrorData(edata);
+		done = false;
+	}
+	PG_END_TRY();
+	return done;
+}
+
+/*
  * Record the outcomes of finished items in one statement: delivered,
  * retried later (backoff), or abandoned (NOTIFY trace_alert + WARNING).
- * Counts every attempt in the metrics.  Returns the earliest retry time
+ * A transaction that fails for a transient reason (serialization failure,
+ * deadlock, ...) is run again, up to RECORD_TRIES times in all.  Counts
+ * every attempt in the metrics, once.  Returns the earliest retry time
  * scheduled (DT_NOEND if none).
  */
 TimestampTz
@@ -453,6 +572,8 @@ trace_queue_record(TraceItem **items, int n)
 	Datum		values[6];
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
+	List	   *abandoned = NIL;
+	MemoryContext caller = CurrentMemoryContext;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -472,8 +593,6 @@ trace_queue_record(TraceItem **items, int n)
 			soonest = delay;
 	}
 
-	begin_tx("trace_ext: recording outcomes");
-	prepare_record_plan();
 	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	values[1] = PointerGetDatum(int4_array(attempts, n));
 	values[2] = PointerGetDatum(text_array(status, NULL, n));
@@ -482,10 +601,13 @@ trace_queue_record(TraceItem **items, int n)
 	values[4] = PointerGetDatum(text_array(errors, error_null, n));
 	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, 8,
 												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	if (SPI_execute_plan(record_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not record delivery outcomes");
-	warn_abandoned();
-	end_tx();
+	for (int tries = 1; !record_try(values, tries, caller, &abandoned); tries++)
+	{
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 RECORD_RETRY_MS * tries, PG_WAIT_EXTENSION);
+		CHECK_FOR_INTERRUPTS();
+	}
+	warn_abandoned(abandoned);
 
 	if (soonest < 0)
 		return DT_NOEND;

@@ -572,6 +572,50 @@ wait_for_database(void)
 	}
 }
 
+/*
+ * The worker's session is its own.  Settings of its database and of the
+ * role it connects as (ALTER DATABASE / ALTER ROLE ... SET) apply to it as
+ * to any session, and some would break it; pin what it relies on, like
+ * search_path below, where neither they nor a reload can change it:
+ *
+ * - default_transaction_isolation = read committed.  The claim (FOR UPDATE
+ *   SKIP LOCKED) and the record (rows leased to us only) are correct under
+ *   read committed, where they never fail for serialization.  Under
+ *   repeatable read or serializable they fail when closes or other workers
+ *   touch the queue meanwhile, and a failed record leaves its rows leased,
+ *   to be sent a second time when the lease ends.
+ * - statement_timeout = 0, lock_timeout = 0.  A statement is bounded by
+ *   trace.batch_size; a lock wait is a wait for a transaction that holds
+ *   one of our queue rows (an operator's UPDATE, a re-close), and giving up
+ *   would only drop outcomes and repeat their deliveries.  A worker that
+ *   waits shows it in pg_stat_activity (wait_event).
+ * - idle_in_transaction_session_timeout = 0, idle_session_timeout = 0.  The
+ *   worker never idles inside a transaction, and idles between passes by
+ *   design.  PostgreSQL 15 enforces neither in a background worker (nor
+ *   statement_timeout, armed only for a client's statements); pinned all
+ *   the same, so that a version that does cannot end the worker.
+ * - default_transaction_read_only = off.  The worker writes the queue.  A
+ *   database or role (or server) set read-only that way is told (LOG) once,
+ *   here.
+ */
+static void
+pin_session_settings(void)
+{
+	if (DefaultXactReadOnly)
+		ereport(LOG,
+				(errmsg("trace_ext: default_transaction_read_only is on in database \"%s\"; the worker's own transactions are read-write all the same",
+						trace_database),
+				 errdetail("It is set for the database, for the worker's role or for the server; the worker must record its deliveries in trace.trace_queue.")));
+	SetConfigOption("default_transaction_isolation", "read committed",
+					PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("statement_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("lock_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("idle_in_transaction_session_timeout", "0",
+					PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("idle_session_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 static void
 connect_to_database(void)
 {
@@ -587,6 +631,7 @@ connect_to_database(void)
 	 * operators named like the ones our queries use.  Never look there.
 	 */
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	pin_session_settings();
 }
 
 void
