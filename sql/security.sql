@@ -18,7 +18,16 @@ ALTER SYSTEM SET trace.webhook_signing_secret = 'regress-sec-value-sign';
 ALTER SYSTEM SET trace.s3_access_key_id = 'regress-sec-value-akid';
 ALTER SYSTEM SET trace.s3_secret_access_key = 'regress-sec-value-sak';
 SELECT pg_reload_conf();
-SELECT pg_sleep(0.3);
+-- Wait for the reload itself, not for a while: this backend takes the
+-- postmaster's SIGHUP between statements, after the postmaster has
+-- re-read the files, so once it sees a secret set, a new connection does.
+\set ECHO none
+\o /dev/null
+SELECT 'SELECT pg_sleep(0.01) WHERE current_setting(''trace.s3_secret_access_key'') = '''''
+  FROM generate_series(1, 1000) \gexec
+\o
+\set ECHO all
+SELECT current_setting('trace.s3_secret_access_key') <> '' AS reloaded;
 \c
 SET client_min_messages = warning;
 \set SHOW_CONTEXT never
