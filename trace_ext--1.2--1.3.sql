@@ -461,6 +461,14 @@ COMMENT ON FUNCTION trace.reconcile(timestamptz, boolean) IS
 
 REVOKE ALL ON FUNCTION trace.reconcile(timestamptz, boolean) FROM PUBLIC;
 
+-- How many times each running worker has re-read its configuration: when
+-- a changed setting is in force in every worker.
+CREATE FUNCTION trace._worker_reloads(OUT pid integer, OUT reloads bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_worker_reloads';
+
+REVOKE ALL ON FUNCTION trace._worker_reloads() FROM PUBLIC;
+
 -- trust_trace_reconciled_total, for postgres_exporter (monitoring/queries.yaml).
 CREATE FUNCTION trace._reconciled_counters(OUT adapter text, OUT reconciled_total bigint)
     RETURNS SETOF record

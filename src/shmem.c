@@ -10,6 +10,8 @@
  */
 #include "postgres.h"
 
+#include "fmgr.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
@@ -44,6 +46,8 @@ typedef struct TraceShared
 	Latch	   *latches[TRACE_MAX_WORKERS];
 	/* each worker's next planned pass (a TimestampTz); DT_NOEND: any commit */
 	pg_atomic_uint64 wake_at[TRACE_MAX_WORKERS];
+	/* configuration reloads each worker has made since it started */
+	pg_atomic_uint64 reloads[TRACE_MAX_WORKERS];
 	bool		database_missing;	/* a worker found trace.database absent */
 	TraceCounters counters[TRACE_NUM_ADAPTERS];
 } TraceShared;
@@ -78,7 +82,10 @@ shmem_startup(void)
 		memset(shared, 0, sizeof(TraceShared));
 		SpinLockInit(&shared->mutex);
 		for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+		{
 			pg_atomic_init_u64(&shared->wake_at[i], (uint64) DT_NOEND);
+			pg_atomic_init_u64(&shared->reloads[i], 0);
+		}
 		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
 		{
 			TraceCounters *c = &shared->counters[a];
@@ -131,8 +138,48 @@ trace_worker_slot_attach(int slot)
 	shared->pids[slot] = MyProcPid;
 	shared->latches[slot] = MyLatch;
 	SpinLockRelease(&shared->mutex);
+	pg_atomic_write_u64(&shared->reloads[slot], 0);
 	trace_publish_wake_at(DT_NOEND);
 	on_shmem_exit(worker_slot_detach, (Datum) 0);
+}
+
+/* A worker has re-read its configuration (SIGHUP). */
+void
+trace_note_reload(void)
+{
+	if (shared != NULL && my_slot >= 0)
+		pg_atomic_fetch_add_u64(&shared->reloads[my_slot], 1);
+}
+
+PG_FUNCTION_INFO_V1(trace_worker_reloads);
+
+/*
+ * trace._worker_reloads(): for each running worker, how many times it has
+ * re-read its configuration since it started.  An operator (or a test)
+ * that changed a setting knows from it when every worker runs with it.
+ */
+Datum
+trace_worker_reloads(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; shared != NULL && i < TRACE_MAX_WORKERS; i++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false, false};
+		pid_t		pid;
+
+		SpinLockAcquire(&shared->mutex);
+		pid = shared->pids[i];
+		SpinLockRelease(&shared->mutex);
+		if (pid == 0)
+			continue;
+		values[0] = Int32GetDatum((int32) pid);
+		values[1] = Int64GetDatum((int64) pg_atomic_read_u64(&shared->reloads[i]));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /* The pids of the running workers: their leases are not orphans. */

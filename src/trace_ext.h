@@ -134,6 +134,7 @@ extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
 extern void trace_wake_workers(TimestampTz due);
 extern void trace_publish_wake_at(TimestampTz when);
+extern void trace_note_reload(void);
 
 /* ---- wake.c ---- */
 extern bool trace_is_worker;

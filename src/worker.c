@@ -110,6 +110,7 @@ reload_if_asked(void)
 		ConfigReloadPending = false;
 		ProcessConfigFile(PGC_SIGHUP);
 		trace_secrets_load();
+		trace_note_reload();
 		next_cleanup = 0;		/* trace.ttl may have changed */
 		schedule_reconcile(GetCurrentTimestamp());	/* and the interval */
 	}

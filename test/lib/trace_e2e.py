@@ -278,6 +278,7 @@ class TraceEnv:
         pg_stat_statements."""
         self._sentinel += 1
         settings = dict(settings)
+        reloads = self.worker_reloads()
         secret = {k: ("" if v is None else v) for k, v in settings.items()
                   if k in SECRET_GUCS}
         if secret:
@@ -291,7 +292,13 @@ class TraceEnv:
             == want, 10)
         if not ok:
             raise ClusterError("reload not seen by the session within 10 s")
-        time.sleep(0.2)     # the worker takes the same SIGHUP; give it a moment
+        if reloads is None:
+            # An extension older than 1.3 cannot say when the workers
+            # reloaded: give them a moment.
+            time.sleep(0.2)
+        elif not wait_until(lambda: self._workers_reloaded(reloads), 10):
+            raise ClusterError("the workers did not reload within 10 s: %r -> %r"
+                               % (reloads, self.worker_reloads()))
         for k, v in settings.items():
             if k == "trace.webhook_signing_secret" and v:
                 self.signing_secrets.append(v)
@@ -299,6 +306,20 @@ class TraceEnv:
                 self.tokens["myfxbook.%d" % self._sentinel] = v
             if k == "trace.webhook_auth_token" and v:
                 self.tokens["webhook.%d" % self._sentinel] = v
+
+    def worker_reloads(self):
+        """{pid: configuration reloads} of the running workers
+        (trace._worker_reloads()); None when the installed extension has
+        no such function (older than 1.3)."""
+        if not self.sql1("SELECT to_regprocedure('trace._worker_reloads()') IS NOT NULL"):
+            return None
+        return dict(self.sql("SELECT pid, reloads FROM trace._worker_reloads()"))
+
+    def _workers_reloaded(self, before):
+        """Has every worker running before re-read its configuration since
+        (or stopped)?"""
+        now = self.worker_reloads() or {}
+        return all(pid not in now or now[pid] > n for pid, n in before.items())
 
     def point(self, adapter, path):
         """Point an adapter at a path of the sink (SIGHUP)."""
