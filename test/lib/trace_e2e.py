@@ -285,7 +285,7 @@ class TraceEnv:
             self.cluster.set_conf(secret, reload=False)
         system = {k: (None if k in secret else v) for k, v in settings.items()}
         system["log_autovacuum_min_duration"] = self._sentinel
-        self.cluster.alter_system(system, dbname=DB, settle=0.1)
+        self.cluster.alter_system(system, dbname=DB, settle=0)
         want = str(self._sentinel)
         ok = wait_until(lambda: self.sql1(
             "SELECT setting FROM pg_settings WHERE name = 'log_autovacuum_min_duration'")
