@@ -281,15 +281,20 @@ run_pass(void)
 		int			inflight;
 		int			slots;
 
-		CHECK_FOR_INTERRUPTS();
-		reload_if_asked();
-
-		/* A commit woke us, or a row we know of became due since the claim. */
+		/*
+		 * A commit woke us, or a signal.  The latch is reset before the
+		 * flags it stands for are looked at: a SIGHUP that comes after
+		 * reload_if_asked() sets it again, and the next wait returns.
+		 */
 		if (MyLatch->is_set)
 		{
 			ResetLatch(MyLatch);
 			may_have_due = true;
 		}
+		CHECK_FOR_INTERRUPTS();
+		reload_if_asked();
+
+		/* A row we know of became due since the claim. */
 		if (!may_have_due && claim_due != DT_NOEND && claim_due > claimed_at &&
 			GetCurrentTimestamp() >= claim_due)
 			may_have_due = true;
@@ -473,6 +478,9 @@ nap(long timeout_ms)
 {
 	int			rc = 0;
 
+	/* a reload asked for while the latch was being reset: no sleep first */
+	if (ConfigReloadPending)
+		timeout_ms = 0;
 	if (timeout_ms > 0)
 		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					   timeout_ms, PG_WAIT_EXTENSION);
