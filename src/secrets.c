@@ -429,6 +429,19 @@ secret_named(const char *text)
  * index of the one holding the parameter's name (the %s right after
  * 'parameter "', else the first %s; -1 if none).
  */
+/*
+ * The conversion character of the printf conversion starting at p (a '%'
+ * that is not "%%"), past its flags, width, precision and length; NULL if
+ * the format ends first.
+ */
+static const char *
+conversion_end(const char *p)
+{
+	for (p++; *p && strchr("-+ #0123456789.*hlLqjzt", *p) != NULL; p++)
+		;
+	return *p ? p : NULL;
+}
+
 static int
 format_conversions(const char *fmt, int *name_at)
 {
@@ -437,7 +450,7 @@ format_conversions(const char *fmt, int *name_at)
 	*name_at = -1;
 	for (const char *p = fmt; *p; p++)
 	{
-		const char *start = p;
+		const char *end;
 
 		if (*p != '%')
 			continue;
@@ -446,16 +459,14 @@ format_conversions(const char *fmt, int *name_at)
 			p++;
 			continue;
 		}
-		while (p[1] && strchr("-+ #0123456789.*hlLqjzt", p[1]) != NULL)
-			p++;
-		if (p[1] == '\0')
+		if ((end = conversion_end(p)) == NULL)
 			break;
-		p++;
-		if (*p == 's' && start - fmt >= 11 &&
-			strncmp(start - 11, "parameter \"", 11) == 0)
+		if (*end == 's' && p - fmt >= 11 &&
+			strncmp(p - 11, "parameter \"", 11) == 0)
 			*name_at = n;
-		else if (*p == 's' && *name_at < 0)
+		else if (*end == 's' && *name_at < 0)
 			*name_at = n;
+		p = end;
 		n++;
 	}
 	return n;
@@ -494,11 +505,8 @@ rebuild_from_format(const char *fmt, const char *name)
 			p++;
 			continue;
 		}
-		while (p[1] && strchr("-+ #0123456789.*hlLqjzt", p[1]) != NULL)
-			p++;
-		if (p[1] == '\0')
+		if ((p = conversion_end(p)) == NULL)
 			break;
-		p++;
 		appendStringInfoString(&out, k++ == name_at ? name : REDACTED);
 	}
 	return out.data;
