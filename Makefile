@@ -19,11 +19,7 @@ OBJS = \
 	src/http.o \
 	src/worker.o \
 	src/metrics.o \
-	adapters/registry.o \
-	adapters/common.o \
-	adapters/webhook.o \
-	adapters/myfxbook.o \
-	adapters/file.o
+	$(patsubst %.c,%.o,$(sort $(wildcard adapters/*.c)))
 
 DATA = $(wildcard $(EXTENSION)--*.sql)
 
