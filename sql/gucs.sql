@@ -11,7 +11,7 @@
 SET client_min_messages = warning;
 \set SHOW_CONTEXT never
 
--- All the parameters of INTERFACE.md exist, and no others.
+-- All the parameters of README.md (Configuration) exist, and no others.
 SELECT coalesce(i.name, s.name) AS name,
        CASE WHEN s.name IS NULL THEN 'missing' ELSE 'unexpected' END AS problem
   FROM (VALUES ('trace.database'), ('trace.workers'), ('trace.delay'),

@@ -2,7 +2,7 @@
 -- install: CREATE EXTENSION, what it creates, auto-attach, DROP and re-create.
 --
 -- Runs first: it loads the reference trade store (a copy of
--- ../shared/fixtures/trade_store.sql) that the later tests use.  Needs a
+-- test/fixtures/trade_store.sql) that the later tests use.  Needs a
 -- server with shared_preload_libraries = 'trace_ext'; the worker serves
 -- trace.database ('postgres'), never this database.
 --
@@ -40,7 +40,7 @@ SELECT p.oid::regprocedure AS function, pg_get_function_result(p.oid) AS returns
  WHERE p.pronamespace = 'trace'::regnamespace AND p.proname !~ '^_'
  ORDER BY p.proname COLLATE "C";
 
--- The queue as INTERFACE.md describes it (other columns are internal).
+-- The queue as README.md (The queue) describes it (other columns are internal).
 SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type
   FROM pg_attribute a
  WHERE a.attrelid = 'trace.trace_queue'::regclass

@@ -1,6 +1,6 @@
 --
 -- trigger: which closed trades are queued, for which adapters, and what a
--- re-close does.  Rules (INTERFACE.md): the trade's user opted in
+-- re-close does.  Rules (README.md, How it works): the trade's user opted in
 -- (users.tracing_enabled), one row per adapter in signals.tracing_adapters
 -- intersected with trace.enabled_adapters, in the closing transaction, with
 -- due_at = now() + trace.delay; no duplicates; a cancelled row is re-armed.

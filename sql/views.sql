@@ -7,7 +7,7 @@
 SET client_min_messages = warning;
 \set SHOW_CONTEXT never
 
--- Their columns, as INTERFACE.md names them.
+-- Their columns, as README.md (Monitoring) names them.
 SELECT c.relname AS view, a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS type
   FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
  WHERE c.relnamespace = 'trace'::regnamespace AND c.relkind = 'v'

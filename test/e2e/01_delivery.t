@@ -21,7 +21,7 @@ env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 5}, name="trace_e2e_d
 
 BOTH = ("myfxbook", "webhook")
 
-# The default allowlist (INTERFACE.md), written out here rather than read
+# The default allowlist (README.md, Configuration), written out here rather than read
 # from the server, and the body trade 3 must arrive as, computed by hand
 # from test/fixtures/trade_store.sql: trade g = 3 has signal 10 + 3 % 3,
 # instrument EURUSD (element 1 + 3 % 3), side sell (3 is odd), volume
@@ -43,7 +43,7 @@ try:
                           closed_at = '2026-01-05 09:00:00+00', pnl = 42.10, fees = 1.25
                     WHERE trade_id = 3""")
         t.is_(env.sql1("SHOW trace.payload_columns").split(","), DEFAULT_ALLOWLIST,
-              "trace.payload_columns is the default allowlist, as INTERFACE.md lists it")
+              "trace.payload_columns is the default allowlist, as README.md lists it")
         rows = env.rows(3)
         t.is_(sorted(rows), ["myfxbook", "webhook"],
               "closing trade 3 queued one row per enabled adapter of its signal")

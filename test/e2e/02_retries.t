@@ -4,7 +4,7 @@ one that always fails (abandon, NOTIFY trace_alert, WARNING), permanent
 rejections, Retry-After, redirects not followed, the operator functions
 that re-deliver abandoned rows, and the backoff schedule itself.
 
-The rule (INTERFACE.md): retry n waits min(base * 6^(n-1), cap) +- up to
+The rule (README.md, Failure semantics): retry n waits min(base * 6^(n-1), cap) +- up to
 10 % jitter, computed when the failure is recorded: due_at = record time
 + that delay.  The checks read the delay the worker wrote, due_at minus
 now() of the transaction that recorded the failure (test/lib/outcome_log.py),
