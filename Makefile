@@ -73,7 +73,7 @@ adapters/common.o: $(srcdir)/$(EXTENSION).control
 # pg_regress runs in).
 ifneq ($(srcdir),.)
 $(shell mkdir -p src adapters)
-REGRESS_PREP += regress-fixtures
+installcheck: regress-fixtures
 endif
 
 .PHONY: regress-fixtures live-preflight
