@@ -4,20 +4,33 @@
 #
 # For a fresh Debian 12 machine, as root (or it re-runs itself with sudo):
 # installs the Debian packages that are missing, builds and installs the
-# extension, then runs three layers and exits non-zero if any fails:
+# extension, then runs these layers and exits non-zero if any fails:
 #
-#   pg_regress  sql/ + expected/: the SQL surface     (throwaway cluster with
-#   pgTAP       test/pgtap/: trigger and queue specs   the preload, pg_virtualenv)
-#   e2e         test/e2e/: a real worker and tracker  (its own clusters)
+#   release    test/release_check.py: LICENSE, CHANGELOG.md, META.json,
+#              debian/changelog and make dist agree with trace_ext.control
+#   build      make clean && make && make install (make COPT=-Werror when
+#              CI is set, or TRACE_WERROR=1)
+#   regress    sql/ + expected/: the SQL surface (make installcheck: a
+#              temporary instance that pg_regress starts, test/regress.conf)
+#   live       test/live_untouched.sh: make installcheck from a clean clone
+#              leaves a live server on port 5432 untouched
+#   pgtap      test/pgtap/: trigger and queue specs (throwaway cluster with
+#              the preload, pg_virtualenv)
+#   e2e        test/e2e/: a real worker and tracker (its own clusters)
+#   packaging  test/packaging.sh: the .deb built from a clean copy (HEAD),
+#              lintian, installed, a fresh cluster and the regression suite
+#              from the installed files, then purged; the build layer's
+#              installed files are set aside meanwhile and put back
 #
-# It never touches an existing cluster: the throwaway one lives in a
-# temporary directory and is dropped on exit.  The last line of output is
-# always "N passed, N failed" (layers).
+# It never touches an existing cluster: the throwaway ones live in
+# temporary directories and are dropped on exit.  The last line of output
+# is always "N passed, N failed" (layers).
 #
 # Usage: test/run.sh [--no-install] [--no-build] [--only LAYER]...
 #   --no-install  do not call apt-get (the packages are already there)
 #   --no-build    do not run make clean/make/make install
-#   --only LAYER  run only this layer (regress, pgtap, e2e); repeatable
+#   --only LAYER  run only this layer (release, regress, live, pgtap, e2e,
+#                 packaging); repeatable
 # Environment: TRACE_E2E_CANARY=0 runs the e2e layer without its canary
 # scan for personal data and secrets (on by default; see test/e2e/README.md).
 #
@@ -35,20 +48,6 @@ if [ "${1:-}" = "--inside-virtualenv" ]; then
     shift 2
     cd "$repo"
     want() { [ -z "${ONLY_LAYERS:-}" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
-
-    if want regress; then
-        echo "=== pg_regress (make installcheck) ==="
-        rm -rf results regression.diffs regression.out
-        if make installcheck; then
-            echo pass >"$status_dir/regress"
-        else
-            echo fail >"$status_dir/regress"
-            if [ -f regression.diffs ]; then
-                echo "--- regression.diffs ---"
-                cat regression.diffs
-            fi
-        fi
-    fi
 
     if want pgtap; then
         echo "=== pgTAP (pg_prove test/pgtap) ==="
@@ -132,7 +131,7 @@ cd "$repo"
 
 start=$(date +%s)
 declare -A result
-layers=(build regress pgtap e2e)
+layers=(release build regress live pgtap e2e packaging)
 for l in "${layers[@]}"; do result[$l]=skip; done
 
 want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
@@ -142,8 +141,9 @@ packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
           postgresql-15-pgtap pgtap python3-psycopg2 make gcc
           prometheus prometheus-postgres-exporter python3-botocore faketime
           nodejs locales)
+. "$repo/test/lib/packages.sh"
+want packaging && packages+=("${packaging_packages[@]}")
 if [ -n "$do_install" ]; then
-    . "$repo/test/lib/packages.sh"
     ensure_packages "${packages[@]}" || exit 1
     # Debian's nodejs comes without npm (NodeSource's includes it).
     command -v npm >/dev/null || ensure_packages npm || exit 1
@@ -157,10 +157,19 @@ if [ -n "$do_install" ] && [ ! -x "$TRACE_S3RVER" ] && want e2e; then
         || echo "npm install s3rver failed: the S3 tests will fail" >&2
 fi
 
+# --- release files ------------------------------------------------------------
+if want release; then
+    echo "=== release files (test/release_check.py) ==="
+    if python3 "$repo/test/release_check.py"; then result[release]=pass; else result[release]=fail; fi
+fi
+
 # --- build -----------------------------------------------------------------
+# Warnings are errors under CI (a CI option, not the default).
+werror=()
+[ -n "${CI:-}${TRACE_WERROR:-}" ] && [ "${TRACE_WERROR:-1}" != 0 ] && werror=(COPT=-Werror)
 if [ -n "$do_build" ]; then
-    echo "=== build: make clean && make && make install ==="
-    if make -s clean && make -s && make -s install; then
+    echo "=== build: make clean && make ${werror[*]} && make install ==="
+    if make -s clean && make -s "${werror[@]}" && make -s install; then
         result[build]=pass
     else
         result[build]=fail
@@ -169,26 +178,55 @@ else
     result[build]=pass
 fi
 
-# --- pg_regress and pgTAP, on one throwaway cluster with the preload --------
 status_dir=$(mktemp -d)
 trap 'rm -rf "$status_dir"' EXIT
-if [ "${result[build]}" = pass ] && { want regress || want pgtap; }; then
+
+# --- pg_regress: make installcheck, as a DBA runs it ------------------------
+# A temporary instance that pg_regress starts with test/regress.conf (the
+# preload); as root, test/lib/regress_runner.sh runs it as postgres.
+if want regress; then
+    if [ "${result[build]}" != pass ]; then
+        result[regress]=fail
+    else
+        echo "=== pg_regress (make installcheck) ==="
+        rm -rf results regression.diffs regression.out
+        if make installcheck; then
+            result[regress]=pass
+        else
+            result[regress]=fail
+            if [ -f regression.diffs ]; then
+                echo "--- regression.diffs ---"
+                cat regression.diffs
+            fi
+        fi
+    fi
+fi
+
+# --- make installcheck leaves a live server alone ----------------------------
+if want live; then
+    if [ "${result[build]}" != pass ]; then
+        result[live]=fail
+    else
+        echo "=== make installcheck beside a live server (test/live_untouched.sh) ==="
+        if "$repo/test/live_untouched.sh"; then result[live]=pass; else result[live]=fail; fi
+    fi
+fi
+
+# --- pgTAP, on a throwaway cluster with the preload ---------------------------
+if [ "${result[build]}" = pass ] && want pgtap; then
     # A temporary directory (-t) even as root, so that an existing cluster
     # or a stale /etc/postgresql/15/regress is never in the way.  The
     # cluster takes its locale from LC_ALL (C.UTF-8, the same everywhere).
     pg_virtualenv -t -v 15 \
         -o shared_preload_libraries=trace_ext \
         "$self" --inside-virtualenv "$status_dir"
-    for l in regress pgtap; do
-        want "$l" || continue
-        if [ -f "$status_dir/$l" ]; then
-            result[$l]=$(cat "$status_dir/$l")
-        else
-            result[$l]=fail     # the throwaway cluster did not come up
-        fi
-    done
-elif [ "${result[build]}" != pass ]; then
-    for l in regress pgtap; do want "$l" && result[$l]=fail; done
+    if [ -f "$status_dir/pgtap" ]; then
+        result[pgtap]=$(cat "$status_dir/pgtap")
+    else
+        result[pgtap]=fail     # the throwaway cluster did not come up
+    fi
+elif [ "${result[build]}" != pass ] && want pgtap; then
+    result[pgtap]=fail
 fi
 
 # --- end to end --------------------------------------------------------------
@@ -234,6 +272,18 @@ if want e2e; then
     fi
 fi
 
+# --- the Debian package ---------------------------------------------------------
+if want packaging; then
+    echo "=== Debian package (test/packaging.sh) ==="
+    pkg_args=()
+    [ -n "$do_install" ] || pkg_args=(--no-install)
+    if "$repo/test/packaging.sh" "${pkg_args[@]}"; then
+        result[packaging]=pass
+    else
+        result[packaging]=fail
+    fi
+fi
+
 # --- summary -----------------------------------------------------------------
 passed=0
 failed=0
@@ -241,9 +291,9 @@ echo
 echo "=== summary ($(( $(date +%s) - start ))s) ==="
 for l in "${layers[@]}"; do
     case ${result[$l]} in
-        pass) passed=$((passed + 1)); printf '  %-8s PASS\n' "$l" ;;
-        fail) failed=$((failed + 1)); printf '  %-8s FAIL\n' "$l" ;;
-        *) printf '  %-8s skipped\n' "$l" ;;
+        pass) passed=$((passed + 1)); printf '  %-10s PASS\n' "$l" ;;
+        fail) failed=$((failed + 1)); printf '  %-10s FAIL\n' "$l" ;;
+        *) printf '  %-10s skipped\n' "$l" ;;
     esac
 done
 echo "$passed passed, $failed failed"
