@@ -1,17 +1,24 @@
 /*
- * adapter.h: the interface every tracker implements.
+ * adapter.h: the interface every tracker implements, and the registry.
  *
- * An adapter turns one claimed queue row (with its allowlisted payload)
- * into a request for the HTTP driver, or finishes the row itself (a local
- * file write, or a configuration error).  It runs in the worker, outside
- * any transaction, and must not raise errors for bad configuration:
- * those are recorded failures (reason "config") that name the parameter.
- * Adding a tracker means one new file here and one line in registry.c.
+ * A tracker is one file in adapters/ that defines one TraceAdapter: its
+ * name (as queue rows, trace.enabled_adapters and signals.tracing_adapters
+ * spell it), its configuration parameters, and how a claimed queue row
+ * becomes a request for the HTTP driver.  adapters/registry.c lists the
+ * adapters, one line each: adding a tracker is a new file here plus that
+ * line.  Everything else (the queue's CHECK rule, the metrics rows, the
+ * hints that name the adapters, trace._adapters() for SQL) reads the
+ * registry.
+ *
+ * prepare() and explain() run in the worker, outside any transaction, and
+ * must not raise errors for bad configuration: those are recorded failures
+ * (reason "config") that name the parameter.
  */
 #ifndef TRACE_ADAPTER_H
 #define TRACE_ADAPTER_H
 
 #include "src/trace_ext.h"
+#include "src/http.h"
 
 typedef enum TracePrep
 {
@@ -21,8 +28,14 @@ typedef enum TracePrep
 
 typedef struct TraceAdapter
 {
-	TraceAdapterKind kind;
 	const char *name;
+
+	/*
+	 * Define the adapter's parameters (trace.<name>_..., with their check
+	 * hooks; secret ones through trace_define_secret()).  Called once, from
+	 * _PG_init.
+	 */
+	void		(*define_gucs) (void);
 
 	/* Fill *req for item, or finish item->out and return TRACE_PREP_DONE. */
 	TracePrep	(*prepare) (TraceItem *item, TraceRequest *req);
@@ -34,7 +47,8 @@ typedef struct TraceAdapter
 	void		(*explain) (TraceItem *item, const char *body);
 } TraceAdapter;
 
-extern const TraceAdapter *trace_adapter(TraceAdapterKind kind);
+/* registry.c */
+extern const TraceAdapter *trace_adapter(TraceAdapterId id);
 
 /* common.c: what every HTTP adapter shares */
 extern struct curl_slist *trace_common_headers(const TraceItem *item);
@@ -42,9 +56,6 @@ extern bool trace_add_header(struct curl_slist **headers, const char *name,
 							 const char *value, TraceItem *item,
 							 const char *guc);
 extern bool trace_target_url(const char *url, const char *guc, TraceItem *item);
-
-extern const TraceAdapter trace_myfxbook_adapter;
-extern const TraceAdapter trace_webhook_adapter;
-extern const TraceAdapter trace_file_adapter;
+extern bool trace_check_url(char **newval, const char *guc);
 
 #endif							/* TRACE_ADAPTER_H */

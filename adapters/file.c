@@ -24,8 +24,163 @@
 #include "lib/stringinfo.h"
 #include "portability/instr_time.h"
 #include "utils/datetime.h"
+#include "utils/guc.h"
 
 #include "adapters/adapter.h"
+
+static char *export_type = NULL;
+static char *export_dir = NULL;
+static char *s3_endpoint = NULL;
+static char *s3_region = NULL;
+static char *s3_bucket = NULL;
+static char *s3_prefix = NULL;
+
+static bool
+check_file_export_type(char **newval, void **extra, GucSource source)
+{
+	if (strcmp(*newval, "local") == 0 || strcmp(*newval, "s3") == 0)
+		return true;
+	GUC_check_errdetail("trace.file_export_type must be \"local\" or \"s3\".");
+	return false;
+}
+
+static bool
+check_file_export_dir(char **newval, void **extra, GucSource source)
+{
+	return trace_check_absolute_path(newval, "trace.file_export_dir");
+}
+
+static bool
+check_s3_endpoint(char **newval, void **extra, GucSource source)
+{
+	return trace_check_url(newval, "trace.s3_endpoint");
+}
+
+/*
+ * The prefix is part of the request path: a "." or ".." segment would be
+ * resolved away by libcurl, and the object written outside the bucket.
+ */
+static bool
+check_s3_prefix(char **newval, void **extra, GucSource source)
+{
+	const char *p = *newval;
+
+	if (p == NULL)
+		return true;
+	if (p[0] == '/')
+	{
+		GUC_check_errdetail("trace.s3_prefix must not start with \"/\".");
+		return false;
+	}
+	while (*p)
+	{
+		size_t		seg = strcspn(p, "/");
+
+		if ((seg == 1 && p[0] == '.') || (seg == 2 && p[0] == '.' && p[1] == '.'))
+		{
+			GUC_check_errdetail("trace.s3_prefix must not contain \".\" or \"..\" path segments.");
+			return false;
+		}
+		p += seg;
+		if (*p == '/')
+			p++;
+	}
+	for (p = *newval; *p; p++)
+	{
+		if ((unsigned char) *p < ' ' || *p == 0x7f)
+		{
+			GUC_check_errdetail("trace.s3_prefix must not contain control characters.");
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * The region ends up in libcurl's "aws:amz:<region>:s3" signer string, so
+ * a ':' would change what is signed: letters, digits, '-' and '_' only.
+ */
+static bool
+check_s3_region(char **newval, void **extra, GucSource source)
+{
+	const char *p = *newval;
+
+	if (p == NULL || p[0] == '\0')
+	{
+		GUC_check_errdetail("trace.s3_region must not be empty.");
+		return false;
+	}
+	for (; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || *p == '-' || *p == '_'))
+		{
+			GUC_check_errdetail("trace.s3_region must be a region name (letters, digits, '-', '_').");
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * A bucket is one path segment: S3's naming rules (letters, digits, '.',
+ * '-', '_'; starting and ending with a letter or digit), so that it can
+ * be neither "..", nor contain '/', '?' or '#'.
+ */
+static bool
+check_s3_bucket(char **newval, void **extra, GucSource source)
+{
+	const char *b = *newval;
+	size_t		len;
+
+	if (b == NULL || b[0] == '\0')
+		return true;
+	len = strlen(b);
+	for (const char *p = b; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || *p == '.' || *p == '-' || *p == '_'))
+		{
+			GUC_check_errdetail("trace.s3_bucket must be a bucket name (letters, digits, '.', '-', '_').");
+			return false;
+		}
+	}
+	if (!isalnum((unsigned char) b[0]) || !isalnum((unsigned char) b[len - 1]))
+	{
+		GUC_check_errdetail("trace.s3_bucket must start and end with a letter or digit.");
+		return false;
+	}
+	return true;
+}
+
+static void
+file_define_gucs(void)
+{
+	DefineCustomStringVariable("trace.file_export_type",
+							   gettext_noop("File export target: local or s3."),
+							   NULL, &export_type, "local", PGC_SIGHUP, 0,
+							   check_file_export_type, NULL, NULL);
+	DefineCustomStringVariable("trace.file_export_dir",
+							   gettext_noop("Directory of the local JSON Lines export."),
+							   NULL, &export_dir, "", PGC_SIGHUP, 0,
+							   check_file_export_dir, NULL, NULL);
+	DefineCustomStringVariable("trace.s3_endpoint",
+							   gettext_noop("S3-compatible endpoint (path-style)."),
+							   NULL, &s3_endpoint, "https://s3.amazonaws.com", PGC_SIGHUP, 0,
+							   check_s3_endpoint, NULL, NULL);
+	DefineCustomStringVariable("trace.s3_region",
+							   gettext_noop("S3 region used in the signature."),
+							   NULL, &s3_region, "us-east-1", PGC_SIGHUP, 0,
+							   check_s3_region, NULL, NULL);
+	DefineCustomStringVariable("trace.s3_bucket",
+							   gettext_noop("S3 bucket of the export."),
+							   NULL, &s3_bucket, "", PGC_SIGHUP, 0,
+							   check_s3_bucket, NULL, NULL);
+	DefineCustomStringVariable("trace.s3_prefix",
+							   gettext_noop("Key prefix of the S3 export."),
+							   NULL, &s3_prefix, "traces/", PGC_SIGHUP, 0,
+							   check_s3_prefix, NULL, NULL);
+	trace_define_secret("s3_access_key_id", gettext_noop("S3 access key id."));
+	trace_define_secret("s3_secret_access_key", gettext_noop("S3 secret access key."));
+}
 
 /* Append one line and fsync it; the new file's directory entry too. */
 static void
@@ -83,7 +238,7 @@ append_line(const char *path, const char *dir, const char *payload, TraceItem *i
 static TracePrep
 export_local(TraceItem *item)
 {
-	const char *dir = trace_file_export_dir;
+	const char *dir = export_dir;
 	time_t		now = time(NULL);
 	struct tm	tm;
 	char	   *path;
@@ -155,9 +310,9 @@ export_s3(TraceItem *item, TraceRequest *req)
 	char	   *digest;
 	size_t		endlen;
 
-	if (!trace_target_url(trace_s3_endpoint, "trace.s3_endpoint", item))
+	if (!trace_target_url(s3_endpoint, "trace.s3_endpoint", item))
 		return TRACE_PREP_DONE;
-	if (trace_s3_bucket == NULL || trace_s3_bucket[0] == '\0')
+	if (s3_bucket == NULL || s3_bucket[0] == '\0')
 	{
 		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG, "trace.s3_bucket is not set");
 		return TRACE_PREP_DONE;
@@ -174,15 +329,15 @@ export_s3(TraceItem *item, TraceRequest *req)
 		return TRACE_PREP_DONE;
 	}
 
-	key = psprintf("%s%04d/%02d/%02d/" INT64_FORMAT ".json", trace_s3_prefix,
+	key = psprintf("%s%04d/%02d/%02d/" INT64_FORMAT ".json", s3_prefix,
 				   tm.tm_year, tm.tm_mon, tm.tm_mday, item->trade_id);
 	initStringInfo(&url);
-	endlen = strlen(trace_s3_endpoint);
-	while (endlen > 0 && trace_s3_endpoint[endlen - 1] == '/')
+	endlen = strlen(s3_endpoint);
+	while (endlen > 0 && s3_endpoint[endlen - 1] == '/')
 		endlen--;
-	appendBinaryStringInfo(&url, trace_s3_endpoint, endlen);
+	appendBinaryStringInfo(&url, s3_endpoint, endlen);
 	appendStringInfoChar(&url, '/');
-	append_key_encoded(&url, trace_s3_bucket);
+	append_key_encoded(&url, s3_bucket);
 	appendStringInfoChar(&url, '/');
 	append_key_encoded(&url, key);
 
@@ -190,7 +345,7 @@ export_s3(TraceItem *item, TraceRequest *req)
 	req->method = "PUT";
 	req->body = item->payload;
 	req->body_len = strlen(item->payload);
-	req->aws_sigv4 = psprintf("aws:amz:%s:s3", trace_s3_region);
+	req->aws_sigv4 = psprintf("aws:amz:%s:s3", s3_region);
 	req->userpwd = psprintf("%s:%s", key_id, secret);
 	req->headers = trace_common_headers(item);
 	digest = sha256_hex(req->body, req->body_len);
@@ -210,7 +365,7 @@ export_s3(TraceItem *item, TraceRequest *req)
 static TracePrep
 file_prepare(TraceItem *item, TraceRequest *req)
 {
-	if (strcmp(trace_file_export_type, "s3") == 0)
+	if (strcmp(export_type, "s3") == 0)
 		return export_s3(item, req);
 	return export_local(item);
 }
@@ -241,8 +396,8 @@ file_explain(TraceItem *item, const char *body)
 }
 
 const TraceAdapter trace_file_adapter = {
-	.kind = TRACE_ADAPTER_FILE,
 	.name = "file",
+	.define_gucs = file_define_gucs,
 	.prepare = file_prepare,
 	.explain = file_explain,
 };

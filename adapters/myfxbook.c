@@ -10,17 +10,38 @@
 
 #include <curl/curl.h>
 
+#include "utils/guc.h"
+
 #include "adapters/adapter.h"
+
+static char *url = NULL;
+
+static bool
+check_url(char **newval, void **extra, GucSource source)
+{
+	return trace_check_url(newval, "trace.myfxbook_webhook_url");
+}
+
+static void
+myfxbook_define_gucs(void)
+{
+	DefineCustomStringVariable("trace.myfxbook_webhook_url",
+							   gettext_noop("URL the myfxbook adapter posts to."),
+							   NULL, &url, "", PGC_SIGHUP, 0,
+							   check_url, NULL, NULL);
+	trace_define_secret("myfxbook_webhook_token",
+						gettext_noop("Bearer token of the myfxbook adapter."));
+}
 
 static TracePrep
 myfxbook_prepare(TraceItem *item, TraceRequest *req)
 {
 	const char *token = trace_secret("myfxbook_webhook_token");
 
-	if (!trace_target_url(trace_myfxbook_url, "trace.myfxbook_webhook_url", item))
+	if (!trace_target_url(url, "trace.myfxbook_webhook_url", item))
 		return TRACE_PREP_DONE;
 
-	req->url = trace_myfxbook_url;
+	req->url = url;
 	req->method = "POST";
 	req->body = item->payload;
 	req->body_len = strlen(item->payload);
@@ -39,8 +60,8 @@ myfxbook_prepare(TraceItem *item, TraceRequest *req)
 }
 
 const TraceAdapter trace_myfxbook_adapter = {
-	.kind = TRACE_ADAPTER_MYFXBOOK,
 	.name = "myfxbook",
+	.define_gucs = myfxbook_define_gucs,
 	.prepare = myfxbook_prepare,
 	.explain = NULL,
 };

@@ -17,8 +17,78 @@
 #include "common/base64.h"
 #include "common/hmac.h"
 #include "common/sha2.h"
+#include "utils/guc.h"
 
 #include "adapters/adapter.h"
+
+static char *endpoint = NULL;
+static char *auth_header = NULL;
+
+static bool
+check_endpoint(char **newval, void **extra, GucSource source)
+{
+	return trace_check_url(newval, "trace.webhook_endpoint");
+}
+
+/*
+ * Headers the token must not replace: libcurl would send the token in
+ * place of the real Host or Content-Length (a broken or smuggled
+ * request), and the others are the ones trace_ext itself sends.
+ */
+static const char *const reserved_headers[] = {
+	"Host", "Content-Length", "Transfer-Encoding", "Content-Type",
+	"Content-Encoding", "Connection", "Keep-Alive", "Upgrade", "TE", "Trailer",
+	"Expect", "Idempotency-Key", "User-Agent", "webhook-id",
+	"webhook-timestamp", "webhook-signature"
+};
+
+/* An HTTP header name is a non-empty RFC 9110 token, not a reserved one. */
+static bool
+check_auth_header(char **newval, void **extra, GucSource source)
+{
+	const char *name = *newval;
+
+	if (name == NULL || name[0] == '\0')
+	{
+		GUC_check_errdetail("trace.webhook_auth_header must not be empty.");
+		return false;
+	}
+	for (const char *p = name; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || strchr("!#$%&'*+-.^_`|~", *p)))
+		{
+			GUC_check_errdetail("trace.webhook_auth_header must be an HTTP header name (letters, digits, '-').");
+			return false;
+		}
+	}
+	for (int i = 0; i < lengthof(reserved_headers); i++)
+	{
+		if (pg_strcasecmp(name, reserved_headers[i]) == 0)
+		{
+			GUC_check_errdetail("trace.webhook_auth_header cannot be \"%s\": that header is set by HTTP or by trace_ext.",
+								name);
+			return false;
+		}
+	}
+	return true;
+}
+
+static void
+webhook_define_gucs(void)
+{
+	DefineCustomStringVariable("trace.webhook_endpoint",
+							   gettext_noop("URL the webhook adapter posts to."),
+							   NULL, &endpoint, "", PGC_SIGHUP, 0,
+							   check_endpoint, NULL, NULL);
+	DefineCustomStringVariable("trace.webhook_auth_header",
+							   gettext_noop("Header that carries the webhook token."),
+							   NULL, &auth_header, "Authorization", PGC_SIGHUP, 0,
+							   check_auth_header, NULL, NULL);
+	trace_define_secret("webhook_auth_token",
+						gettext_noop("Value of the webhook auth header."));
+	trace_define_secret("webhook_signing_secret",
+						gettext_noop("Standard Webhooks signing secret."));
+}
 
 /* The signing key, decoded; false (item failed) for a bad whsec_ value. */
 static bool
@@ -111,17 +181,17 @@ webhook_prepare(TraceItem *item, TraceRequest *req)
 	const char *token = trace_secret("webhook_auth_token");
 	const char *secret = trace_secret("webhook_signing_secret");
 
-	if (!trace_target_url(trace_webhook_endpoint, "trace.webhook_endpoint", item))
+	if (!trace_target_url(endpoint, "trace.webhook_endpoint", item))
 		return TRACE_PREP_DONE;
 
-	req->url = trace_webhook_endpoint;
+	req->url = endpoint;
 	req->method = "POST";
 	req->body = item->payload;
 	req->body_len = strlen(item->payload);
 	req->headers = trace_common_headers(item);
 
 	if (token[0] != '\0' &&
-		!trace_add_header(&req->headers, trace_webhook_auth_header, token, item,
+		!trace_add_header(&req->headers, auth_header, token, item,
 						  "trace.webhook_auth_token"))
 		goto failed;
 	if (secret[0] != '\0' && !add_signature(item, req, secret))
@@ -135,8 +205,8 @@ failed:
 }
 
 const TraceAdapter trace_webhook_adapter = {
-	.kind = TRACE_ADAPTER_WEBHOOK,
 	.name = "webhook",
+	.define_gucs = webhook_define_gucs,
 	.prepare = webhook_prepare,
 	.explain = NULL,
 };

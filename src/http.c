@@ -1,5 +1,5 @@
 /*
- * http.c: the worker's HTTP driver, one libcurl multi handle.
+ * http.c: the HTTP transport, one libcurl multi handle.
  *
  * Requests run concurrently; the worker adds new ones as others finish,
  * so the pipe stays full.  Connections are kept alive and reused per host
@@ -7,8 +7,10 @@
  * (trace.http_timeout), speaks only http/https, never follows redirects,
  * never uses signals, and keeps at most a small prefix of the response
  * body (bodies beyond a cap abort the transfer, so memory stays bounded).
- * Finished transfers are classified into an outcome and queued for the
- * worker to record.  Never called inside a transaction.
+ * A finished transfer becomes a TraceResponse (the status or a transport
+ * failure, Retry-After, the time taken, the start of the body) that the
+ * worker collects with trace_http_next(); what it means for the queue
+ * row is decided there, not here.  Never called inside a transaction.
  *
  * Waiting is event driven (libcurl's multi_socket API): libcurl tells us
  * which sockets it wants watched and when its next timeout is, and the
@@ -29,25 +31,21 @@
 #include "storage/latch.h"
 #include "utils/memutils.h"
 
-#include "adapters/adapter.h"
-#include "src/trace_ext.h"
+#include "src/http.h"
 
-/* Response bytes kept for the adapter's explain(); the rest is dropped. */
-#define BODY_KEEP		1024
+#define BODY_KEEP		TRACE_BODY_KEEP
 /* Past this many response bytes the transfer is aborted. */
 #define BODY_MAX		(1024 * 1024)
 
 typedef struct Transfer
 {
-	dlist_node	node;			/* in the list of running transfers */
-	CURL	   *easy;
-	TraceItem  *item;
+	dlist_node	node;			/* in the running or the finished list */
+	CURL	   *easy;			/* NULL once finished */
 	struct curl_slist *headers;
 	instr_time	start;
 	size_t		body_seen;
 	bool		body_too_big;
-	int			retry_after;
-	char		body[BODY_KEEP + 1];
+	TraceResponse resp;			/* tag, Retry-After and body as they come */
 	char		errbuf[CURL_ERROR_SIZE];
 } Transfer;
 
@@ -69,51 +67,14 @@ static WaitEventSet *wait_set = NULL;
 static bool wait_set_stale = true;
 static long curl_timeout_ms = -1;	/* libcurl's next timeout; -1: none */
 static instr_time curl_timeout_set; /* when it was given */
-static int	inflight[TRACE_NUM_ADAPTERS];
-static int	inflight_total = 0;
+static dlist_head finished = DLIST_STATIC_INIT(finished);
+static int	nrunning = 0;
 
-/* Finished items waiting to be recorded (a growable array). */
-static TraceItem **done_items = NULL;
-static int	done_count = 0;
-static int	done_size = 0;
-
-void
-trace_http_push_done(TraceItem *item)
-{
-	if (done_count == done_size)
-	{
-		done_size = Max(64, done_size * 2);
-		done_items = done_items
-			? repalloc(done_items, sizeof(TraceItem *) * done_size)
-			: MemoryContextAlloc(TopMemoryContext, sizeof(TraceItem *) * done_size);
-	}
-	done_items[done_count++] = item;
-}
-
-bool
-trace_http_has_done(void)
-{
-	return done_count > 0;
-}
-
-TraceItem *
-trace_http_next_done(void)
-{
-	if (done_count == 0)
-		return NULL;
-	return done_items[--done_count];
-}
-
+/* Transfers in flight. */
 int
-trace_http_inflight(TraceAdapterKind kind)
+trace_http_running(void)
 {
-	return inflight[kind];
-}
-
-int
-trace_http_inflight_total(void)
-{
-	return inflight_total;
+	return nrunning;
 }
 
 static int
@@ -181,15 +142,15 @@ trace_http_init(void)
 	if (multi != NULL)
 		return;
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-		ereport(FATAL, (errmsg("trace_ext: could not initialize libcurl")));
+		ereport(FATAL, (errmsg("could not initialize libcurl")));
 	multi = curl_multi_init();
 	if (multi == NULL)
-		ereport(FATAL, (errmsg("trace_ext: could not create a libcurl multi handle")));
+		ereport(FATAL, (errmsg("could not create a libcurl multi handle")));
 	if (curl_multi_setopt(multi, CURLMOPT_SOCKETFUNCTION, on_socket) != CURLM_OK ||
 		curl_multi_setopt(multi, CURLMOPT_TIMERFUNCTION, on_timer) != CURLM_OK)
 		ereport(FATAL,
-				(errmsg("trace_ext: this libcurl lacks the multi_socket API (%s)",
-						curl_version())));
+				(errmsg("libcurl %s lacks the multi_socket API",
+						curl_version_info(CURLVERSION_NOW)->version)));
 }
 
 static size_t
@@ -202,8 +163,8 @@ on_body(char *data, size_t size, size_t nmemb, void *arg)
 	{
 		size_t		keep = Min(len, BODY_KEEP - t->body_seen);
 
-		memcpy(t->body + t->body_seen, data, keep);
-		t->body[t->body_seen + keep] = '\0';
+		memcpy(t->resp.body + t->body_seen, data, keep);
+		t->resp.body[t->body_seen + keep] = '\0';
 	}
 	t->body_seen += len;
 	if (t->body_seen > BODY_MAX)
@@ -238,13 +199,13 @@ on_header(char *data, size_t size, size_t nmemb, void *arg)
 		v[strcspn(v, "\r\n")] = '\0';
 		secs = strtol(v, &end, 10);
 		if (end != v && *end == '\0' && secs >= 0)
-			t->retry_after = (int) Min(secs, INT_MAX);
+			t->resp.retry_after = (int) Min(secs, INT_MAX);
 		else
 		{
 			time_t		when = curl_getdate(v, NULL);
 
 			if (when > 0)
-				t->retry_after = (int) Max(0, when - time(NULL));
+				t->resp.retry_after = (int) Max(0, when - time(NULL));
 		}
 	}
 	return len;
@@ -304,53 +265,78 @@ set_options(Transfer *t, TraceRequest *req, const char **refused, CURLcode *code
 
 #undef SET_OPTION
 
-/* Start sending item; on failure to start, it is finished at once. */
+/* Free the transfer's libcurl handle and headers (not the transfer). */
+static void
+release_handle(Transfer *t)
+{
+	if (t->easy != NULL)
+	{
+		curl_multi_remove_handle(multi, t->easy);
+		curl_easy_cleanup(t->easy);
+		t->easy = NULL;
+	}
+	curl_slist_free_all(t->headers);
+	t->headers = NULL;
+}
+
+/* A transfer that ends before it started: failed, with reason and text. */
+static void
+finish_unstarted(Transfer *t, TraceReason reason, const char *fmt,...)
+{
+	va_list		args;
+
+	release_handle(t);
+	t->resp.failed = true;
+	t->resp.reason = reason;
+	va_start(args, fmt);
+	vsnprintf(t->resp.error, sizeof(t->resp.error), fmt, args);
+	va_end(args);
+	dlist_push_tail(&finished, &t->node);
+}
+
+/*
+ * Start sending req.  Whatever happens, one response with this tag comes
+ * out of trace_http_next() later: a transfer that cannot start is finished
+ * at once.
+ */
 void
-trace_http_start(TraceItem *item, TraceRequest *req)
+trace_http_start(void *tag, TraceRequest *req)
 {
 	Transfer   *t = calloc(1, sizeof(Transfer));
 	const char *refused = NULL;
 	CURLcode	code = CURLE_OK;
 
-	if (t == NULL || (t->easy = curl_easy_init()) == NULL)
+	if (t == NULL)
 	{
-		free(t);
 		curl_slist_free_all(req->headers);
-		trace_outcome_fail(&item->out, TRACE_REASON_OTHER, "could not create a libcurl handle");
-		trace_http_push_done(item);
+		ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	}
+	t->resp.tag = tag;
+	t->resp.retry_after = -1;
+	t->headers = req->headers;
+	if ((t->easy = curl_easy_init()) == NULL)
+	{
+		finish_unstarted(t, TRACE_REASON_OTHER, "could not create a libcurl handle");
 		return;
 	}
-	t->item = item;
-	t->headers = req->headers;
-	t->retry_after = -1;
 	if (!set_options(t, req, &refused, &code))
 	{
-		curl_easy_cleanup(t->easy);
-		curl_slist_free_all(t->headers);
-		free(t);
 		ereport(WARNING,
-				(errmsg("trace_ext: libcurl %s refused %s: %s; nothing is sent without it",
+				(errmsg("libcurl %s refused %s: %s; nothing is sent without it",
 						curl_version_info(CURLVERSION_NOW)->version, refused,
 						curl_easy_strerror(code))));
-		trace_outcome_fail(&item->out, TRACE_REASON_CONFIG,
-						   "libcurl refused %s: %s", refused, curl_easy_strerror(code));
-		trace_http_push_done(item);
+		finish_unstarted(t, TRACE_REASON_CONFIG, "libcurl refused %s: %s",
+						 refused, curl_easy_strerror(code));
 		return;
 	}
 	INSTR_TIME_SET_CURRENT(t->start);
-
 	if (curl_multi_add_handle(multi, t->easy) != CURLM_OK)
 	{
-		curl_easy_cleanup(t->easy);
-		curl_slist_free_all(t->headers);
-		free(t);
-		trace_outcome_fail(&item->out, TRACE_REASON_OTHER, "could not start a libcurl transfer");
-		trace_http_push_done(item);
+		finish_unstarted(t, TRACE_REASON_OTHER, "could not start a libcurl transfer");
 		return;
 	}
 	dlist_push_tail(&running, &t->node);
-	inflight[item->adapter]++;
-	inflight_total++;
+	nrunning++;
 }
 
 static TraceReason
@@ -391,18 +377,14 @@ transport_reason(CURLcode rc)
 	}
 }
 
-/* Receivers reject these payloads or endpoints for good: no retry. */
-static bool
-permanent_status(long code)
-{
-	return code == 400 || code == 404 || code == 405 || code == 410 ||
-		code == 413 || code == 422;
-}
-
+/*
+ * A transfer is over: keep what the caller needs in its response, free the
+ * libcurl handle, and move it to the finished list.
+ */
 static void
-classify(Transfer *t, CURLcode rc)
+finish(Transfer *t, CURLcode rc)
 {
-	TraceOutcome *out = &t->item->out;
+	TraceResponse *resp = &t->resp;
 	long		code = 0;
 	instr_time	elapsed;
 
@@ -414,65 +396,38 @@ classify(Transfer *t, CURLcode rc)
 	if (rc == CURLE_WRITE_ERROR && t->body_too_big && code > 0)
 		rc = CURLE_OK;
 
-	if (rc != CURLE_OK)
-	{
-		TraceReason reason = transport_reason(rc);
-
-		trace_outcome_fail(out, reason, "%s: %s", trace_reason_name(reason),
-						   t->errbuf[0] ? t->errbuf : curl_easy_strerror(rc));
-	}
-	else if (code >= 200 && code < 300)
-		trace_outcome_delivered(out, (int) code);
-	else if (code >= 300 && code < 400)
-		trace_outcome_fail(out, TRACE_REASON_REDIRECT,
-						   "HTTP %ld (redirects are not followed)", code);
-	else if (permanent_status(code))
-	{
-		trace_outcome_fail(out, TRACE_REASON_HTTP_4XX, "HTTP %ld (permanent)", code);
-		out->permanent = true;
-	}
-	else if (code >= 400 && code < 500)
-		trace_outcome_fail(out, TRACE_REASON_HTTP_4XX, "HTTP %ld", code);
-	else if (code >= 500 && code < 600)
-		trace_outcome_fail(out, TRACE_REASON_HTTP_5XX, "HTTP %ld", code);
+	resp->sent = true;
+	resp->seconds = INSTR_TIME_GET_DOUBLE(elapsed);
+	if (rc == CURLE_OK)
+		resp->http_status = (int) code;
 	else
-		trace_outcome_fail(out, TRACE_REASON_OTHER, "unexpected HTTP status %ld", code);
-
-	out->posted = true;
-	out->seconds = INSTR_TIME_GET_DOUBLE(elapsed);
-	out->http_status = (rc == CURLE_OK) ? (int) code : 0;
-	if (code == 429 || code == 503)
-		out->retry_after = t->retry_after;
-
-	if (!out->delivered && rc == CURLE_OK && t->body_seen > 0)
 	{
-		const TraceAdapter *adapter = trace_adapter(t->item->adapter);
-
-		if (adapter->explain)
-			adapter->explain(t->item, t->body);
+		resp->failed = true;
+		resp->reason = transport_reason(rc);
+		snprintf(resp->error, sizeof(resp->error), "%s: %s",
+				 trace_reason_name(resp->reason),
+				 t->errbuf[0] ? t->errbuf : curl_easy_strerror(rc));
+		resp->body[0] = '\0';
 	}
-}
 
-static void
-release(Transfer *t)
-{
 	dlist_delete(&t->node);
-	curl_multi_remove_handle(multi, t->easy);
-	curl_easy_cleanup(t->easy);
-	curl_slist_free_all(t->headers);
-	free(t);
+	nrunning--;
+	release_handle(t);
+	dlist_push_tail(&finished, &t->node);
 }
 
-static void
-finish(Transfer *t, CURLcode rc)
+/* The next finished request, copied into *resp; false when none is left. */
+bool
+trace_http_next(TraceResponse *resp)
 {
-	TraceItem  *item = t->item;
+	Transfer   *t;
 
-	classify(t, rc);
-	release(t);
-	inflight[item->adapter]--;
-	inflight_total--;
-	trace_http_push_done(item);
+	if (dlist_is_empty(&finished))
+		return false;
+	t = dlist_container(Transfer, node, dlist_pop_head_node(&finished));
+	memcpy(resp, &t->resp, sizeof(TraceResponse));
+	free(t);
+	return true;
 }
 
 /* Collect finished transfers. */
@@ -530,16 +485,26 @@ until_curl_timeout(long cap_ms)
  * libcurl's own timeout or our latch (left set for the caller), drive
  * libcurl with what happened, and queue the transfers that finished.
  */
-void
-trace_http_poll(int timeout_ms)
+#define MAX_EVENTS 64
+
+/*
+ * Let transfers progress: wait up to timeout_ms for socket activity,
+ * libcurl's own timeout or our latch, drive libcurl with what happened,
+ * and move the transfers that finished to the finished list.  Returns
+ * whether the latch was found set (it is left set: the caller resets it
+ * before it looks for work).  With nothing in flight, returns at once.
+ */
+bool
+trace_http_wait(int timeout_ms)
 {
 	WaitEvent	events[MAX_EVENTS];
 	long		timeout;
 	int			n;
 	int			still_running;
+	bool		latch_set = false;
 
-	if (inflight_total == 0)
-		return;
+	if (nrunning == 0)
+		return false;
 	if (wait_set_stale)
 		rebuild_wait_set();
 
@@ -549,6 +514,8 @@ trace_http_poll(int timeout_ms)
 	{
 		int			flags = 0;
 
+		if (events[i].events & WL_LATCH_SET)
+			latch_set = true;
 		if (events[i].events & WL_SOCKET_READABLE)
 			flags |= CURL_CSELECT_IN;
 		if (events[i].events & WL_SOCKET_WRITEABLE)
@@ -562,12 +529,13 @@ trace_http_poll(int timeout_ms)
 		curl_multi_socket_action(multi, CURL_SOCKET_TIMEOUT, 0, &still_running);
 	}
 	collect();
+	return latch_set;
 }
 
 /*
- * After an error in the worker's pass: drop every transfer and every
- * unrecorded outcome.  Their rows stay leased and are sent again when the
- * lease runs out (same Idempotency-Key).
+ * After an error in the worker's pass: drop every transfer, running or
+ * finished.  Their rows stay leased and are sent again when the lease
+ * runs out (same Idempotency-Key).
  */
 void
 trace_http_abort_all(void)
@@ -575,8 +543,19 @@ trace_http_abort_all(void)
 	dlist_mutable_iter iter;
 
 	dlist_foreach_modify(iter, &running)
-		release(dlist_container(Transfer, node, iter.cur));
-	memset(inflight, 0, sizeof(inflight));
-	inflight_total = 0;
-	done_count = 0;
+	{
+		Transfer   *t = dlist_container(Transfer, node, iter.cur);
+
+		dlist_delete(&t->node);
+		release_handle(t);
+		free(t);
+	}
+	dlist_foreach_modify(iter, &finished)
+	{
+		Transfer   *t = dlist_container(Transfer, node, iter.cur);
+
+		dlist_delete(&t->node);
+		free(t);
+	}
+	nrunning = 0;
 }

@@ -1,16 +1,25 @@
 /*
- * outcome.c: filling in the result of a delivery attempt.
+ * outcome.c: what a delivery attempt came to, and what becomes of its row.
  *
- * Every path that ends an attempt (HTTP driver, local file export, a
- * configuration check) describes it here, so last_error texts have one
- * shape: "<reason>: <what happened>" or "HTTP <status>".  The texts must
- * never contain a payload, a personal field or a secret.
+ * Every path that ends an attempt (an HTTP response, a transport failure,
+ * the local file export, a configuration check) describes it here, so
+ * last_error texts have one shape: "<reason>: <what happened>" or
+ * "HTTP <status>".  The texts must never contain a payload, a personal
+ * field or a secret.  The retry rule lives here too: delivered, retried
+ * after a backoff (at least Retry-After), or abandoned.
  */
 #include "postgres.h"
 
+#include <math.h>
+
+#include "common/pg_prng.h"
 #include "mb/pg_wchar.h"
 
+#include "src/http.h"
 #include "src/trace_ext.h"
+
+/* Longest Retry-After honoured: a tracker cannot park a row forever. */
+#define MAX_RETRY_AFTER_S	(24 * 3600)
 
 /*
  * Texts can quote what a tracker sent (a certificate's name, an error
@@ -70,4 +79,76 @@ trace_outcome_delivered(TraceOutcome *out, int http_status)
 	out->delivered = true;
 	out->http_status = http_status;
 	out->error[0] = '\0';
+}
+
+/* Receivers reject these payloads or endpoints for good: no retry. */
+static bool
+permanent_status(int code)
+{
+	return code == 400 || code == 404 || code == 405 || code == 410 ||
+		code == 413 || code == 422;
+}
+
+/* The outcome of an attempt from what the transport says of it. */
+void
+trace_outcome_from_response(TraceOutcome *out, const TraceResponse *resp)
+{
+	int			code = resp->http_status;
+
+	if (resp->failed)
+		trace_outcome_fail(out, resp->reason, "%s", resp->error);
+	else if (code >= 200 && code < 300)
+		trace_outcome_delivered(out, code);
+	else if (code >= 300 && code < 400)
+		trace_outcome_fail(out, TRACE_REASON_REDIRECT,
+						   "HTTP %d (redirects are not followed)", code);
+	else if (permanent_status(code))
+	{
+		trace_outcome_fail(out, TRACE_REASON_HTTP_4XX, "HTTP %d (permanent)", code);
+		out->permanent = true;
+	}
+	else if (code >= 400 && code < 500)
+		trace_outcome_fail(out, TRACE_REASON_HTTP_4XX, "HTTP %d", code);
+	else if (code >= 500 && code < 600)
+		trace_outcome_fail(out, TRACE_REASON_HTTP_5XX, "HTTP %d", code);
+	else
+		trace_outcome_fail(out, TRACE_REASON_OTHER, "unexpected HTTP status %d", code);
+
+	out->posted = resp->sent;
+	out->seconds = resp->seconds;
+	out->http_status = code;
+	if (code == 429 || code == 503)
+		out->retry_after = resp->retry_after;
+}
+
+/* min(base * 6^(n-1), cap), then +/- up to 10 % jitter; in seconds. */
+static double
+backoff_seconds(int attempts)
+{
+	double		base = trace_backoff_base_ms / 1000.0;
+	double		cap = trace_backoff_cap_s;
+	double		wait = base * pow(6.0, Max(attempts, 1) - 1);
+
+	if (wait > cap)
+		wait = cap;
+	return wait * (0.9 + 0.2 * pg_prng_double(&pg_global_prng_state));
+}
+
+/*
+ * What becomes of a finished item: its next status ("delivered",
+ * "pending" or "abandoned") and, when it is retried, in how many seconds.
+ */
+const char *
+trace_outcome_next_status(const TraceItem *item, double *delay)
+{
+	*delay = 0;
+	if (item->out.delivered)
+		return "delivered";
+	if (item->out.permanent || item->attempts > trace_max_retries)
+		return "abandoned";
+
+	*delay = backoff_seconds(item->attempts);
+	if (item->out.retry_after > 0)
+		*delay = Max(*delay, (double) Min(item->out.retry_after, MAX_RETRY_AFTER_S));
+	return "pending";
 }

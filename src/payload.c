@@ -48,7 +48,7 @@ payload_query(Oid relid, const char **missing)
 	const char *nsp;
 
 	if (!SplitIdentifierString(copy, ',', &columns))
-		elog(ERROR, "trace_ext: trace.payload_columns is not a list");
+		elog(ERROR, "trace.payload_columns is not a list");
 
 	initStringInfo(&sql);
 	appendStringInfoString(&sql,
@@ -102,7 +102,7 @@ typedef struct TradeState
 
 /* Does the signal's tracing_adapters list this adapter? */
 static bool
-signal_lists(const TradeState *t, TraceAdapterKind adapter)
+signal_lists(const TradeState *t, TraceAdapterId adapter)
 {
 	Datum	   *elems;
 	bool	   *nulls;
@@ -111,8 +111,8 @@ signal_lists(const TradeState *t, TraceAdapterKind adapter)
 
 	if (t->adapters_null)
 		return false;
-	deconstruct_array(DatumGetArrayTypeP(t->adapters), TEXTOID, -1, false,
-					  TYPALIGN_INT, &elems, &nulls, &n);
+	deconstruct_array_builtin(DatumGetArrayTypeP(t->adapters), TEXTOID,
+							  &elems, &nulls, &n);
 	for (int i = 0; i < n; i++)
 	{
 		if (nulls[i])
@@ -219,8 +219,7 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 
 	for (int i = 0; i < n; i++)
 		ids[i] = Int64GetDatum(sorted[i]->trade_id);
-	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true,
-												TYPALIGN_DOUBLE));
+	values[0] = PointerGetDatum(construct_array_builtin(ids, n, INT8OID));
 	/*
 	 * Not read-only: SPI then takes a fresh snapshot, at least as new as the
 	 * claim's.  With the transaction's first snapshot, a trade whose close
@@ -228,7 +227,7 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 	 * cancelled by mistake.
 	 */
 	if (SPI_execute_with_args(sql, 1, argtypes, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not read trades for their payload");
+		elog(ERROR, "could not read trades for their payload");
 
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
@@ -307,12 +306,13 @@ trace_send_verdict(PG_FUNCTION_ARGS)
 
 	memset(&item, 0, sizeof(item));
 	values[0] = Int64GetDatum(id);
-	SPI_connect();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute_with_args("SELECT q.trade_id, q.adapter, q.trade_table::pg_catalog.oid, "
 							  "       q.by_operator "
 							  "  FROM trace.trace_queue q WHERE q.id OPERATOR(pg_catalog.=) $1",
 							  1, argtypes, values, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not read queue row " INT64_FORMAT, id);
+		elog(ERROR, "could not read queue row " INT64_FORMAT, id);
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
@@ -321,7 +321,7 @@ trace_send_verdict(PG_FUNCTION_ARGS)
 	desc = SPI_tuptable->tupdesc;
 	item.id = id;
 	item.trade_id = DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull));
-	item.adapter = trace_adapter_from_name(SPI_getvalue(row, desc, 2));
+	item.adapter = trace_adapter_id(SPI_getvalue(row, desc, 2));
 	item.trade_table = DatumGetObjectId(SPI_getbinval(row, desc, 3, &isnull));
 	item.by_operator = DatumGetBool(SPI_getbinval(row, desc, 4, &isnull));
 	item.out.retry_after = -1;

@@ -1,25 +1,23 @@
 /*
- * queue.c: the worker's SQL on trace.trace_queue.
+ * queue.c: the worker's SQL on trace.trace_queue, and nothing else.
  *
- * Each exported function runs one short transaction of its own and
- * commits before returning, so that no transaction, snapshot or row lock
- * is ever held while the worker talks to the network.  Claiming takes due
- * rows with FOR UPDATE SKIP LOCKED (workers never wait on each other) and
- * leases them: status 'sending', due_at = end of lease.  Recording is one
- * set-based UPDATE per round that only touches rows whose lease is still
- * ours, and is run again when it fails for a transient reason, so that a
- * serialization failure or a deadlock never drops outcomes (their rows
- * would be sent again).  Must only be called by a worker, outside any
- * transaction.
+ * No transaction, snapshot or row lock is ever held while the worker
+ * talks to the network: the claim runs in a transaction the worker opens
+ * and commits around it (trace_queue_begin/commit: the payloads are built
+ * in the same one), every other function here runs one short transaction
+ * of its own.  Claiming takes due rows with FOR UPDATE SKIP LOCKED
+ * (workers never wait on each other) and leases them: status 'sending',
+ * due_at = end of lease.  Recording is one set-based UPDATE per round
+ * that only touches rows whose lease is still ours, and is run again when
+ * it fails for a transient reason, so that a serialization failure or a
+ * deadlock never drops outcomes (their rows would be sent again).  Must
+ * only be called by a worker.
  */
 #include "postgres.h"
-
-#include <math.h>
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
-#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "nodes/pg_list.h"
@@ -50,22 +48,24 @@ static bool queue_has_by_operator = false;
 static bool claim_plans_stale = false;
 static bool queue_callback_registered = false;
 
-/* Longest Retry-After honoured: a tracker cannot park a row forever. */
-#define MAX_RETRY_AFTER_S	(24 * 3600)
-
-static void
-begin_tx(const char *activity)
+/*
+ * Start a short transaction of the worker, with SPI and a snapshot;
+ * activity is what pg_stat_activity shows meanwhile.
+ */
+void
+trace_queue_begin(const char *activity)
 {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "trace_ext: SPI_connect failed");
+		elog(ERROR, "SPI_connect failed");
 	PushActiveSnapshot(GetTransactionSnapshot());
 	pgstat_report_activity(STATE_RUNNING, activity);
 }
 
-static void
-end_tx(void)
+/* Commit it. */
+void
+trace_queue_commit(void)
 {
 	SPI_finish();
 	PopActiveSnapshot();
@@ -80,7 +80,7 @@ keep_plan(const char *sql, int nargs, Oid *argtypes)
 	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
 
 	if (plan == NULL)
-		elog(ERROR, "trace_ext: could not prepare a queue statement: %s",
+		elog(ERROR, "could not prepare a queue statement: %s",
 			 SPI_result_code_string(SPI_result));
 	SPI_keepplan(plan);
 	return plan;
@@ -93,7 +93,7 @@ int4_array(const int *values, int n)
 
 	for (int i = 0; i < n; i++)
 		d[i] = Int32GetDatum(values[i]);
-	return construct_array(d, n, INT4OID, 4, true, TYPALIGN_INT);
+	return construct_array_builtin(d, n, INT4OID);
 }
 
 static ArrayType *
@@ -134,18 +134,18 @@ trace_queue_release_orphans(void)
 	Oid			argtypes[1] = {INT4ARRAYOID};
 	Datum		values[1];
 
-	begin_tx("trace_ext: releasing orphaned leases");
+	trace_queue_begin("trace_ext: releasing orphaned leases");
 	values[0] = PointerGetDatum(int4_array(pids, n));
 	if (SPI_execute_with_args("UPDATE trace.trace_queue SET due_at = now() "
 							  " WHERE status = 'sending' AND due_at > now() "
 							  "   AND (lease_owner IS NULL OR lease_owner <> ALL ($1))",
 							  1, argtypes, values, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "trace_ext: could not release orphaned leases");
+		elog(ERROR, "could not release orphaned leases");
 	if (SPI_processed > 0)
 		ereport(LOG,
-				(errmsg("trace_ext: %llu rows left in sending by a stopped worker are due again",
+				(errmsg("%llu rows left in sending by a stopped worker are due again",
 						(unsigned long long) SPI_processed)));
-	end_tx();
+	trace_queue_commit();
 }
 
 /*
@@ -188,7 +188,7 @@ read_queue_shape(void)
 					"                WHERE attrelid = 'trace.trace_queue'::pg_catalog.regclass "
 					"                  AND attname = 'by_operator' AND NOT attisdropped)",
 					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "trace_ext: could not read the queue's columns");
+		elog(ERROR, "could not read the queue's columns");
 	queue_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
 												 SPI_tuptable->tupdesc, 1, &isnull));
 	queue_has_by_operator = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
@@ -259,7 +259,7 @@ read_claimed(TraceItem *items, int n)
 		item->id = DatumGetInt64(SPI_getbinval(row, tt->tupdesc, 1, &isnull));
 		item->trade_id = DatumGetInt64(SPI_getbinval(row, tt->tupdesc, 2, &isnull));
 		adapter = TextDatumGetCString(SPI_getbinval(row, tt->tupdesc, 3, &isnull));
-		item->adapter = trace_adapter_from_name(adapter);
+		item->adapter = trace_adapter_id(adapter);
 		item->attempts = DatumGetInt32(SPI_getbinval(row, tt->tupdesc, 4, &isnull));
 		item->created_at = DatumGetTimestampTz(SPI_getbinval(row, tt->tupdesc, 5, &isnull));
 		item->trade_table = DatumGetObjectId(SPI_getbinval(row, tt->tupdesc, 6, &isnull));
@@ -268,9 +268,12 @@ read_claimed(TraceItem *items, int n)
 	}
 }
 
-/* Cancel the items the payload builder turned down, each with its reason. */
-static void
-cancel_items(TraceItem *items, int n)
+/*
+ * Cancel the claimed items the payload builder turned down, each with its
+ * reason, in the claim's transaction.
+ */
+void
+trace_queue_cancel(TraceItem *items, int n)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
 	const char **reasons = palloc(sizeof(char *) * Max(n, 1));
@@ -285,98 +288,56 @@ cancel_items(TraceItem *items, int n)
 		}
 	if (ncancel == 0)
 		return;
-	values[0] = PointerGetDatum(construct_array(ids, ncancel, INT8OID, 8,
-												true, TYPALIGN_DOUBLE));
+	values[0] = PointerGetDatum(construct_array_builtin(ids, ncancel, INT8OID));
 	values[1] = PointerGetDatum(text_array(reasons, NULL, ncancel));
 	if (SPI_execute_plan(cancel_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
-		elog(ERROR, "trace_ext: could not cancel rows");
+		elog(ERROR, "could not cancel rows");
 }
 
 /*
- * Claim up to max_rows due rows, skipping adapters marked saturated, and
- * build their payloads from the trades as they are now.  Rows that may
- * not be sent any more (the trade is no longer CLOSED, its trader withdrew
- * consent, its signal no longer lists the tracker, ...: see payload.c) are
- * cancelled in the same transaction, with the reason in last_error.  *items is
- * allocated in the caller's memory context.  When fewer rows than asked
- * for were due, *next_due is the earliest due_at left (DT_NOEND if none).
+ * Claim up to max_rows due rows, none of an adapter marked in skip, in the
+ * transaction trace_queue_begin() opened.  *items is allocated in cxt.
  */
 int
-trace_queue_claim(int max_rows, const bool *saturated, TraceItem **items,
-				  TimestampTz *next_due)
+trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
+				  TraceItem **items)
 {
-	MemoryContext caller = CurrentMemoryContext;
-	const char *skip[TRACE_NUM_ADAPTERS];
+	const char *skipped[TRACE_MAX_ADAPTERS];
 	int			nskip = 0;
 	Datum		values[3];
 	int			n;
 
-	*next_due = 0;
-	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
-		if (saturated[a])
-			skip[nskip++] = trace_adapter_name(a);
+	for (int a = 0; a < trace_num_adapters; a++)
+		if (skip[a])
+			skipped[nskip++] = trace_adapter_name(a);
 
-	begin_tx("trace_ext: claiming due rows");
 	prepare_claim_plans();
-
 	values[0] = Int32GetDatum(max_rows);
 	values[1] = Float8GetDatum(2.0 * trace_http_timeout_ms / 1000.0 + 5.0);
-	values[2] = PointerGetDatum(text_array(skip, NULL, nskip));
+	values[2] = PointerGetDatum(text_array(skipped, NULL, nskip));
 	if (SPI_execute_plan(claim_plan, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "trace_ext: could not claim due rows");
+		elog(ERROR, "could not claim due rows");
 	n = (int) SPI_processed;
 
-	*items = MemoryContextAllocZero(caller, sizeof(TraceItem) * Max(n, 1));
+	*items = MemoryContextAllocZero(cxt, sizeof(TraceItem) * Max(n, 1));
 	read_claimed(*items, n);
-
-	if (n > 0)
-	{
-		/* payloads must outlive the transaction: built in caller's context */
-		trace_payload_build(*items, n, caller);
-		cancel_items(*items, n);
-	}
-
-	if (n < max_rows)
-	{
-		bool		isnull;
-		Datum		d;
-
-		if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
-			elog(ERROR, "trace_ext: could not read the next due time");
-		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-		*next_due = isnull ? DT_NOEND : DatumGetTimestampTz(d);
-	}
-	end_tx();
 	return n;
 }
 
-/* min(base * 6^(n-1), cap), then +/- up to 10 % jitter; in seconds. */
-static double
-backoff_seconds(int attempts)
+/*
+ * The earliest due_at of the rows left to send (DT_NOEND if none), in the
+ * claim's transaction.
+ */
+TimestampTz
+trace_queue_next_due(void)
 {
-	double		base = trace_backoff_base_ms / 1000.0;
-	double		cap = trace_backoff_cap_s;
-	double		wait = base * pow(6.0, Max(attempts, 1) - 1);
+	bool		isnull;
+	Datum		d;
 
-	if (wait > cap)
-		wait = cap;
-	return wait * (0.9 + 0.2 * pg_prng_double(&pg_global_prng_state));
-}
-
-/* What becomes of a finished item: its next status and, if retried, when. */
-static const char *
-next_status(const TraceItem *item, double *delay)
-{
-	*delay = 0;
-	if (item->out.delivered)
-		return "delivered";
-	if (item->out.permanent || item->attempts > trace_max_retries)
-		return "abandoned";
-
-	*delay = backoff_seconds(item->attempts);
-	if (item->out.retry_after > 0)
-		*delay = Max(*delay, (double) Min(item->out.retry_after, MAX_RETRY_AFTER_S));
-	return "pending";
+	if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the next due time");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? DT_NOEND : DatumGetTimestampTz(d);
 }
 
 static void
@@ -418,15 +379,6 @@ prepare_record_plan(void)
 							6, types);
 }
 
-/* An abandoned row, as the record statement returned it. */
-typedef struct AbandonedRow
-{
-	char	   *trade;
-	char	   *adapter;
-	char	   *attempts;
-	char	   *error;
-} AbandonedRow;
-
 /* The abandoned rows of the record statement just run, copied into cxt. */
 static List *
 read_abandoned(MemoryContext cxt)
@@ -437,7 +389,7 @@ read_abandoned(MemoryContext cxt)
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		AbandonedRow *row = palloc(sizeof(AbandonedRow));
+		TraceAbandoned *row = palloc(sizeof(TraceAbandoned));
 
 		row->trade = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
 		row->adapter = SPI_getvalue(tt->vals[i], tt->tupdesc, 2);
@@ -447,24 +399,6 @@ read_abandoned(MemoryContext cxt)
 	}
 	MemoryContextSwitchTo(old);
 	return rows;
-}
-
-/* Warn of the rows abandoned, once their recording has committed. */
-static void
-warn_abandoned(List *rows)
-{
-	ListCell   *lc;
-
-	foreach(lc, rows)
-	{
-		AbandonedRow *row = lfirst(lc);
-
-		ereport(WARNING,
-				(errmsg("trace_ext: giving up on trade %s for adapter %s after %s attempts: %s",
-						row->trade, row->adapter, row->attempts,
-						row->error ? row->error : "unknown error"),
-				 errhint("Fix the cause, then call trace.retry() or trace.retry_abandoned().")));
-	}
 }
 
 /*
@@ -502,12 +436,12 @@ record_once(Datum *values, MemoryContext cxt)
 {
 	List	   *abandoned;
 
-	begin_tx("trace_ext: recording outcomes");
+	trace_queue_begin("trace_ext: recording outcomes");
 	prepare_record_plan();
 	if (SPI_execute_plan(record_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not record delivery outcomes");
+		elog(ERROR, "could not record delivery outcomes");
 	abandoned = read_abandoned(cxt);
-	end_tx();
+	trace_queue_commit();
 	return abandoned;
 }
 
@@ -540,7 +474,7 @@ record_try(Datum *values, int tries, MemoryContext cxt, List **abandoned)
 		MemoryContextSwitchTo(cxt);		/* the abort left us in TopMemoryContext */
 		pgstat_report_activity(STATE_IDLE, NULL);
 		ereport(LOG,
-				(errmsg("trace_ext: recording delivery outcomes failed, retrying (try %d of %d): %s",
+				(errmsg("recording delivery outcomes failed, retrying (try %d of %d): %s",
 						tries + 1, RECORD_TRIES, edata->message)));
 		FreeErrorData(edata);
 		done = false;
@@ -551,14 +485,14 @@ record_try(Datum *values, int tries, MemoryContext cxt, List **abandoned)
 
 /*
  * Record the outcomes of finished items in one statement: delivered,
- * retried later (backoff), or abandoned (NOTIFY trace_alert + WARNING).
- * A transaction that fails for a transient reason (serialization failure,
- * deadlock, ...) is run again, up to RECORD_TRIES times in all.  Counts
- * every attempt in the metrics, once.  Returns the earliest retry time
- * scheduled (DT_NOEND if none).
+ * retried later (backoff), or abandoned (with NOTIFY trace_alert; the rows
+ * abandoned are returned in *abandoned, a List of TraceAbandoned).  A
+ * transaction that fails for a transient reason (serialization failure,
+ * deadlock, ...) is run again, up to RECORD_TRIES times in all.  Returns
+ * the earliest retry time scheduled (DT_NOEND if none).
  */
 TimestampTz
-trace_queue_record(TraceItem **items, int n)
+trace_queue_record(TraceItem **items, int n, List **abandoned)
 {
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	int		   *attempts = palloc(sizeof(int) * n);
@@ -572,7 +506,6 @@ trace_queue_record(TraceItem **items, int n)
 	Datum		values[6];
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
-	List	   *abandoned = NIL;
 	MemoryContext caller = CurrentMemoryContext;
 
 	for (int i = 0; i < n; i++)
@@ -580,10 +513,9 @@ trace_queue_record(TraceItem **items, int n)
 		TraceItem  *item = items[i];
 		double		delay;
 
-		trace_metrics_count(item);
 		ids[i] = Int64GetDatum(item->id);
 		attempts[i] = item->attempts;
-		status[i] = next_status(item, &delay);
+		status[i] = trace_outcome_next_status(item, &delay);
 		delays[i] = Float8GetDatum(delay);
 		http[i] = Int32GetDatum(item->out.http_status);
 		http_null[i] = item->out.http_status == 0;
@@ -593,22 +525,21 @@ trace_queue_record(TraceItem **items, int n)
 			soonest = delay;
 	}
 
-	values[0] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	values[0] = PointerGetDatum(construct_array_builtin(ids, n, INT8OID));
 	values[1] = PointerGetDatum(int4_array(attempts, n));
 	values[2] = PointerGetDatum(text_array(status, NULL, n));
 	values[3] = PointerGetDatum(construct_md_array(http, http_null, 1, dims, lbs,
 												   INT4OID, 4, true, TYPALIGN_INT));
 	values[4] = PointerGetDatum(text_array(errors, error_null, n));
-	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, 8,
+	/* PostgreSQL 15's construct_array_builtin() knows no float8 */
+	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, sizeof(float8),
 												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	for (int tries = 1; !record_try(values, tries, caller, &abandoned); tries++)
+	for (int tries = 1; !record_try(values, tries, caller, abandoned); tries++)
 	{
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 RECORD_RETRY_MS * tries, PG_WAIT_EXTENSION);
 		CHECK_FOR_INTERRUPTS();
 	}
-	warn_abandoned(abandoned);
-
 	if (soonest < 0)
 		return DT_NOEND;
 	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (soonest * 1000));
@@ -626,7 +557,7 @@ yield_to_ddl(void)
 {
 	if (SPI_execute("SELECT pg_catalog.set_config('lock_timeout', '100', true)",
 					false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not set lock_timeout");
+		elog(ERROR, "could not set lock_timeout");
 }
 
 /*
@@ -640,18 +571,18 @@ trace_queue_cleanup(TimestampTz *oldest)
 	bool		isnull;
 	Datum		d;
 
-	begin_tx("trace_ext: deleting rows older than trace.ttl");
+	trace_queue_begin("trace_ext: deleting rows older than trace.ttl");
 	yield_to_ddl();
 	if (SPI_execute("SELECT trace.cleanup()", false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: cleanup failed");
+		elog(ERROR, "cleanup failed");
 	deleted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 										  SPI_tuptable->tupdesc, 1, &isnull));
 	/* a new snapshot (not read-only): the rows just deleted are gone */
 	if (SPI_execute("SELECT min(created_at) FROM trace.trace_queue", false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not read the oldest queue row");
+		elog(ERROR, "could not read the oldest queue row");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	*oldest = isnull ? DT_NOEND : DatumGetTimestampTz(d);
-	end_tx();
+	trace_queue_commit();
 	return deleted;
 }
 
@@ -667,21 +598,21 @@ trace_queue_reconcile(void)
 	int64		queued = -1;
 	bool		isnull;
 
-	begin_tx("trace_ext: reconciling closed trades with the queue");
+	trace_queue_begin("trace_ext: reconciling closed trades with the queue");
 	yield_to_ddl();
 	if (SPI_execute("SELECT pg_catalog.to_regprocedure("
 					"'trace.reconcile(timestamptz, boolean)') IS NOT NULL",
 					true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not look for trace.reconcile()");
+		elog(ERROR, "could not look for trace.reconcile()");
 	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 								   &isnull)))
 	{
 		if (SPI_execute("SELECT pg_catalog.count(*) FROM trace.reconcile()",
 						false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "trace_ext: reconciliation failed");
+			elog(ERROR, "reconciliation failed");
 		queued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 											 SPI_tuptable->tupdesc, 1, &isnull));
 	}
-	end_tx();
+	trace_queue_commit();
 	return queued;
 }

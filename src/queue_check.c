@@ -33,7 +33,7 @@ text_is(text *t, const char *s)
 static bool
 adapter_known(text *adapter)
 {
-	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+	for (int kind = 0; kind < trace_num_adapters; kind++)
 		if (text_is(adapter, trace_adapter_name(kind)))
 			return true;
 	return false;

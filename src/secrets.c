@@ -36,15 +36,12 @@ typedef struct SecretDef
 	char	   *from_file;		/* malloc'd value from the secrets file */
 } SecretDef;
 
-static SecretDef secrets[] = {
-	{"myfxbook_webhook_token", "Bearer token of the myfxbook adapter."},
-	{"webhook_auth_token", "Value of the webhook auth header."},
-	{"webhook_signing_secret", "Standard Webhooks signing secret."},
-	{"s3_access_key_id", "S3 access key id."},
-	{"s3_secret_access_key", "S3 secret access key."},
-};
+/* The secret parameters the adapters defined (trace_define_secret). */
+#define MAX_SECRETS		16
+static SecretDef secrets[MAX_SECRETS];
+static int	nsecrets = 0;
 
-#define NUM_SECRETS lengthof(secrets)
+#define NUM_SECRETS nsecrets
 #define REDACTED "********"
 #define STATEMENT_NOT_LOGGED "<a statement naming a secret parameter of trace_ext, not logged>"
 
@@ -68,7 +65,7 @@ trace_secret(const char *name)
 	SecretDef  *s = find_secret(name);
 
 	if (s == NULL)
-		elog(ERROR, "trace_ext: unknown secret");
+		elog(ERROR, "unknown secret parameter");
 	if (s->from_file != NULL)
 		return s->from_file;
 	return s->value ? s->value : "";
@@ -105,7 +102,10 @@ check_secret(char **newval, void **extra, GucSource source)
 	return true;
 }
 
-/* One assign hook per secret: PostgreSQL does not say which is assigned. */
+/*
+ * One assign hook per secret: PostgreSQL does not say which is assigned.
+ * ASSIGN_SECRET(i) is the hook of secrets[i].
+ */
 #define ASSIGN_SECRET(i) \
 static void \
 assign_secret_##i(const char *newval, void *extra) \
@@ -117,25 +117,60 @@ ASSIGN_SECRET(1)
 ASSIGN_SECRET(2)
 ASSIGN_SECRET(3)
 ASSIGN_SECRET(4)
+ASSIGN_SECRET(5)
+ASSIGN_SECRET(6)
+ASSIGN_SECRET(7)
+ASSIGN_SECRET(8)
+ASSIGN_SECRET(9)
+ASSIGN_SECRET(10)
+ASSIGN_SECRET(11)
+ASSIGN_SECRET(12)
+ASSIGN_SECRET(13)
+ASSIGN_SECRET(14)
+ASSIGN_SECRET(15)
 
-static GucStringAssignHook const assign_hooks[NUM_SECRETS] = {
+static GucStringAssignHook const assign_hooks[MAX_SECRETS] = {
 	assign_secret_0, assign_secret_1, assign_secret_2, assign_secret_3,
-	assign_secret_4
+	assign_secret_4, assign_secret_5, assign_secret_6, assign_secret_7,
+	assign_secret_8, assign_secret_9, assign_secret_10, assign_secret_11,
+	assign_secret_12, assign_secret_13, assign_secret_14, assign_secret_15
 };
 
+/*
+ * Define the secret parameter trace.<name> (an adapter's token or key):
+ * superuser-only, shown as ******** when set, its value kept out of the
+ * log, and settable from trace.secrets_file by its bare name.
+ */
 void
-trace_define_secret_gucs(void)
+trace_define_secret(const char *name, const char *desc)
 {
-	for (int i = 0; i < NUM_SECRETS; i++)
-	{
-		char		name[64];
+	SecretDef  *s;
 
-		snprintf(name, sizeof(name), "trace.%s", secrets[i].name);
-		DefineCustomStringVariable(pstrdup(name), secrets[i].desc, NULL,
-								   &secrets[i].masked, "", PGC_SIGHUP,
-								   GUC_SUPERUSER_ONLY, check_secret,
-								   assign_hooks[i], NULL);
+	if (nsecrets == MAX_SECRETS)
+		elog(ERROR, "too many secret parameters (raise MAX_SECRETS)");
+	s = &secrets[nsecrets];
+	s->name = name;
+	s->desc = desc;
+	DefineCustomStringVariable(psprintf("trace.%s", name), desc, NULL,
+							   &s->masked, "", PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   check_secret, assign_hooks[nsecrets], NULL);
+	nsecrets++;
+}
+
+/* "a, b and c": the names of the secret parameters, for messages. */
+static char *
+secret_names(void)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < nsecrets; i++)
+	{
+		if (i > 0)
+			appendStringInfoString(&buf, i == nsecrets - 1 ? " and " : ", ");
+		appendStringInfoString(&buf, secrets[i].name);
 	}
+	return buf.data;
 }
 
 static char *
@@ -220,9 +255,9 @@ trace_secrets_load(void)
 	if (!trace_secrets_file_safe(path, &why))
 	{
 		ereport(WARNING,
-				(errmsg("trace_ext: refusing trace.secrets_file \"%s\": %s; its secrets are not used",
+				(errmsg("refusing trace.secrets_file \"%s\": %s; its secrets are not used",
 						path, why),
-				 errhint("chown the file to the server's OS user and chmod it 0600.")));
+				 errhint("Make the file owned by the server's OS user, with mode 0600.")));
 		return;
 	}
 
@@ -231,7 +266,7 @@ trace_secrets_load(void)
 	{
 		ereport(WARNING,
 				(errcode_for_file_access(),
-				 errmsg("trace_ext: could not open trace.secrets_file \"%s\": %m", path)));
+				 errmsg("could not open trace.secrets_file \"%s\": %m", path)));
 		return;
 	}
 	while (fgets(line, sizeof(line), f) != NULL)
@@ -249,7 +284,7 @@ trace_secrets_load(void)
 		if (eq == NULL)
 		{
 			ereport(WARNING,
-					(errmsg("trace_ext: trace.secrets_file \"%s\", line %d: expected \"name = value\"",
+					(errmsg("trace.secrets_file \"%s\", line %d: expected \"name = value\"",
 							path, lineno)));
 			continue;
 		}
@@ -264,9 +299,9 @@ trace_secrets_load(void)
 			 * base64 secret has '=' in it).
 			 */
 			ereport(WARNING,
-					(errmsg("trace_ext: trace.secrets_file \"%s\", line %d: not the name of a secret parameter of trace_ext",
+					(errmsg("trace.secrets_file \"%s\", line %d: not the name of a secret parameter of trace_ext",
 							path, lineno),
-					 errhint("The names are myfxbook_webhook_token, webhook_auth_token, webhook_signing_secret, s3_access_key_id and s3_secret_access_key.")));
+					 errhint("The names are %s.", secret_names())));
 			continue;
 		}
 		if (s->from_file)

@@ -1,10 +1,16 @@
 /*
  * trace_ext.h: declarations shared by the files of trace_ext.
  *
- * Each .c file does one job (GUCs, shared memory, trigger, queue SQL,
- * payload, HTTP driver, worker loop, metrics); this header is the only
- * place where they meet.  Adapters have their own small interface in
- * adapters/adapter.h.
+ * Each .c file does one job, and this header is where they meet:
+ * guc.c (the core parameters), shmem.c (sizing and creating shared
+ * memory), wake.c (the workers' slots and waking them), trigger.c
+ * (queueing closed trades), queue_check.c (the queue's CHECK rule),
+ * queue.c (the worker's SQL), payload.c (building payloads, consent at
+ * send time), outcome.c (what an attempt came to, and the retry rule),
+ * worker.c (the one loop that sequences a pass), metrics.c (the counters
+ * and their SQL), secrets.c (secret values and the log filter).  The HTTP
+ * transport has its own header, src/http.h; the trackers theirs,
+ * adapters/adapter.h, with adapters/registry.c as the one list of them.
  */
 #ifndef TRACE_EXT_H
 #define TRACE_EXT_H
@@ -13,6 +19,7 @@
 
 #include "datatype/timestamp.h"
 #include "storage/latch.h"
+#include "nodes/pg_list.h"
 #include "utils/array.h"
 #include "utils/palloc.h"
 
@@ -20,14 +27,13 @@
 #define TRACE_EXT_VERSION "unknown"
 #endif
 
-/* The adapter kinds.  Their order is the order of the metrics rows. */
-typedef enum TraceAdapterKind
-{
-	TRACE_ADAPTER_MYFXBOOK = 0,
-	TRACE_ADAPTER_WEBHOOK,
-	TRACE_ADAPTER_FILE,
-	TRACE_NUM_ADAPTERS
-} TraceAdapterKind;
+/*
+ * An adapter (tracker) is known by its position in adapters/registry.c:
+ * 0 .. trace_num_adapters - 1, the order of the metrics rows.
+ */
+typedef int TraceAdapterId;
+
+#define TRACE_MAX_ADAPTERS		16
 
 /* Why an attempt failed: a fixed set, so metric labels stay bounded. */
 typedef enum TraceReason
@@ -45,7 +51,6 @@ typedef enum TraceReason
 } TraceReason;
 
 #define TRACE_MAX_WORKERS		32
-#define TRACE_NUM_BUCKETS		11	/* finite buckets of the duration histogram */
 #define TRACE_ERROR_LEN			256
 
 /* The result of one delivery attempt. */
@@ -71,7 +76,7 @@ typedef struct TraceItem
 	struct TraceBatch *batch;	/* the claim it came from (worker.c) */
 	int64		id;
 	int64		trade_id;
-	TraceAdapterKind adapter;
+	TraceAdapterId adapter;
 	int			attempts;		/* including the one in progress */
 	TimestampTz created_at;
 	Oid			trade_table;
@@ -83,6 +88,18 @@ typedef struct TraceItem
 	char	   *payload;		/* the allowlisted JSON, or NULL */
 	TraceOutcome out;
 } TraceItem;
+
+/* An abandoned row, as the record statement returned it. */
+typedef struct TraceAbandoned
+{
+	char	   *trade;
+	char	   *adapter;
+	char	   *attempts;
+	char	   *error;
+} TraceAbandoned;
+
+/* ---- trace_ext.c ---- */
+extern bool trace_preloaded;
 
 /* ---- guc.c ---- */
 extern char *trace_database;
@@ -98,67 +115,51 @@ extern int	trace_reconcile_interval_s;
 extern int	trace_http_timeout_ms;
 extern char *trace_enabled_adapters;
 extern char *trace_payload_columns;
-extern char *trace_myfxbook_url;
-extern char *trace_webhook_endpoint;
-extern char *trace_webhook_auth_header;
-extern char *trace_file_export_type;
-extern char *trace_file_export_dir;
-extern char *trace_s3_endpoint;
-extern char *trace_s3_region;
-extern char *trace_s3_bucket;
-extern char *trace_s3_prefix;
 extern char *trace_secrets_file;
 extern char *trace_ca_file;
 
 extern void trace_define_gucs(void);
-extern bool trace_adapter_enabled(TraceAdapterKind kind);
-extern int	trace_adapter_from_name(const char *name);
-extern const char *trace_adapter_name(TraceAdapterKind kind);
+extern bool trace_adapter_enabled(TraceAdapterId id);
 extern const char *trace_reason_name(TraceReason reason);
 extern bool trace_url_scheme_ok(const char *url);
+extern bool trace_check_absolute_path(char **newval, const char *guc);
+
+/* ---- adapters/registry.c: the one list of trackers ---- */
+extern const int trace_num_adapters;
+extern const char *trace_adapter_name(TraceAdapterId id);
+extern TraceAdapterId trace_adapter_id(const char *name);
+extern const char *trace_adapter_list(void);
+extern void trace_define_adapter_gucs(void);
 
 /* ---- secrets.c ---- */
-extern void trace_define_secret_gucs(void);
+extern void trace_define_secret(const char *name, const char *desc);
 extern void trace_secrets_load(void);
 extern bool trace_secrets_file_safe(const char *path, const char **why);
 extern const char *trace_secret(const char *name);
 extern void trace_install_log_redaction(void);
 
-/* ---- shmem.c ---- */
-extern bool trace_preloaded;
+/* ---- shmem.c: sizes and creates what the files below keep there ---- */
 extern void trace_shmem_install(void);
-extern bool trace_shmem_ready(void);
+
+/* ---- wake.c: the workers' slots, and waking them ---- */
+extern bool trace_is_worker;
+extern bool trace_enqueuing;
+extern Size trace_wake_shmem_size(void);
+extern void trace_wake_shmem_init(void);
+extern void trace_wake_install(void);
+extern void trace_request_wake(void);
+extern void trace_request_wake_at(TimestampTz due);
 extern void trace_worker_slot_attach(int slot);
 extern int	trace_live_worker_pids(int *pids, int max);
 extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
-extern void trace_wake_workers(TimestampTz due);
 extern void trace_publish_wake_at(TimestampTz when);
 extern void trace_note_reload(void);
 
-/* ---- wake.c ---- */
-extern bool trace_is_worker;
-extern bool trace_enqueuing;
-extern void trace_wake_install(void);
-extern void trace_request_wake(void);
-extern void trace_request_wake_at(TimestampTz due);
-
-/* What trace.metrics and trace.prometheus_metrics() report of one adapter. */
-typedef struct TraceMetrics
-{
-	uint64		pushed;
-	uint64		failed;
-	uint64		failed_by_reason[TRACE_NUM_REASONS];
-	uint64		buckets[TRACE_NUM_BUCKETS]; /* cumulative */
-	uint64		count;
-	double		sum;
-	uint64		reconciled;		/* rows queued by trace.reconcile() */
-} TraceMetrics;
-
-extern const double trace_duration_buckets[TRACE_NUM_BUCKETS];
+/* ---- metrics.c: the delivery counters ---- */
+extern Size trace_metrics_shmem_size(void);
+extern void trace_metrics_shmem_init(void);
 extern void trace_metrics_count(const TraceItem *item);
-extern void trace_metrics_snapshot(TraceAdapterKind kind, TraceMetrics *m);
-extern void trace_metrics_count_reconciled(TraceAdapterKind kind, uint64 n);
 
 /* ---- trigger.c ---- */
 extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
@@ -166,11 +167,15 @@ extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_typ
 								Datum signal_id, Oid signal_id_type, bool signal_null,
 								ArrayType *explicit_adapters);
 
-/* ---- queue.c: every function runs its own short transaction ---- */
+/* ---- queue.c: the worker's SQL ---- */
+extern void trace_queue_begin(const char *activity);
+extern void trace_queue_commit(void);
+extern int	trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
+							  TraceItem **items);
+extern void trace_queue_cancel(TraceItem *items, int n);
+extern TimestampTz trace_queue_next_due(void);
+extern TimestampTz trace_queue_record(TraceItem **items, int n, List **abandoned);
 extern void trace_queue_release_orphans(void);
-extern int	trace_queue_claim(int max_rows, const bool *saturated,
-							  TraceItem **items, TimestampTz *next_due);
-extern TimestampTz trace_queue_record(TraceItem **items, int n);
 extern int64 trace_queue_cleanup(TimestampTz *oldest);
 extern int64 trace_queue_reconcile(void);
 extern bool trace_extension_present(void);
@@ -178,39 +183,19 @@ extern bool trace_extension_present(void);
 /* ---- payload.c: called inside the claim transaction ---- */
 extern void trace_payload_build(TraceItem *items, int n, MemoryContext into);
 
-/* ---- http.c ---- */
-struct curl_slist;
-typedef struct TraceRequest
-{
-	const char *url;
-	const char *method;			/* "POST" or "PUT" */
-	struct curl_slist *headers; /* owned by the driver once started */
-	const char *body;
-	size_t		body_len;
-	const char *aws_sigv4;		/* CURLOPT_AWS_SIGV4 provider string, or
-								 * NULL */
-	const char *userpwd;		/* for the signer, or NULL */
-} TraceRequest;
-
-extern void trace_http_init(void);
-extern void trace_http_start(TraceItem *item, TraceRequest *req);
-extern void trace_http_poll(int timeout_ms);
-extern void trace_http_push_done(TraceItem *item);
-extern bool trace_http_has_done(void);
-extern TraceItem *trace_http_next_done(void);
-extern int	trace_http_inflight(TraceAdapterKind kind);
-extern int	trace_http_inflight_total(void);
-extern void trace_http_abort_all(void);
-
-/* ---- worker.c ---- */
-extern void trace_register_workers(void);
-extern PGDLLEXPORT void trace_worker_main(Datum arg);
-
-/* helpers shared by the outcome paths */
+/* ---- outcome.c ---- */
+struct TraceResponse;
 extern void trace_outcome_fail(TraceOutcome *out, TraceReason reason,
 							   const char *fmt,...) pg_attribute_printf(3, 4);
 extern void trace_outcome_append(TraceOutcome *out, const char *fmt,...)
 			pg_attribute_printf(2, 3);
 extern void trace_outcome_delivered(TraceOutcome *out, int http_status);
+extern void trace_outcome_from_response(TraceOutcome *out,
+										const struct TraceResponse *resp);
+extern const char *trace_outcome_next_status(const TraceItem *item, double *delay);
+
+/* ---- worker.c ---- */
+extern void trace_register_workers(void);
+extern PGDLLEXPORT void trace_worker_main(Datum arg);
 
 #endif							/* TRACE_EXT_H */

@@ -116,7 +116,7 @@ prepare_enqueue(Oid relid, Oid nspid, const Oid *types, bool mark_operator)
 	 */
 	plan = SPI_prepare_cursor(sql.data, 7, argtypes, CURSOR_OPT_GENERIC_PLAN);
 	if (plan == NULL)
-		elog(ERROR, "trace_ext: could not prepare the enqueue statement: %s",
+		elog(ERROR, "could not prepare the enqueue statement: %s",
 			 SPI_result_code_string(SPI_result));
 	SPI_keepplan(plan);
 	pfree(sql.data);
@@ -157,24 +157,24 @@ enqueue_plan(Oid relid, const Oid *types, bool mark_operator)
 static ArrayType *
 adapters_array(const bool *want)
 {
-	Datum		names[TRACE_NUM_ADAPTERS];
+	Datum		names[TRACE_MAX_ADAPTERS];
 	int			n = 0;
 
-	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+	for (int kind = 0; kind < trace_num_adapters; kind++)
 		if (want[kind])
 			names[n++] = CStringGetTextDatum(trace_adapter_name(kind));
 	if (n == 0)
 		return NULL;
-	return construct_array(names, n, TEXTOID, -1, false, TYPALIGN_INT);
+	return construct_array_builtin(names, n, TEXTOID);
 }
 
 /* The enabled adapters as a text[], or NULL when none is enabled. */
 static ArrayType *
 enabled_adapters_array(void)
 {
-	bool		want[TRACE_NUM_ADAPTERS];
+	bool		want[TRACE_MAX_ADAPTERS];
 
-	for (int kind = 0; kind < TRACE_NUM_ADAPTERS; kind++)
+	for (int kind = 0; kind < trace_num_adapters; kind++)
 		want[kind] = trace_adapter_enabled(kind);
 	return adapters_array(want);
 }
@@ -257,7 +257,7 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	}
 	PG_END_TRY();
 	if (rc != SPI_OK_INSERT)
-		elog(ERROR, "trace_ext: enqueue failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "enqueue failed: %s", SPI_result_code_string(rc));
 
 	if (SPI_processed > 0)
 		trace_request_wake_at(due);
@@ -275,7 +275,7 @@ trade_column(Relation rel, HeapTuple tuple, const char *name, Oid *type,
 	if (attnum <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("trace_ext: table \"%s\" has no column \"%s\"",
+				 errmsg("table \"%s\" has no column \"%s\"",
 						RelationGetRelationName(rel), name)));
 	*type = SPI_gettypeid(desc, attnum);
 	return SPI_getbinval(tuple, desc, attnum, isnull);
@@ -383,7 +383,8 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 	if (trade_null)
 		return PointerGetDatum(NULL);
 
-	SPI_connect();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 	trace_enqueue_trade(attached_table(rel, trigdata->tg_trigger),
 						trade_id, trade_type, user_id, user_type, user_null,
 						signal_id, signal_type, signal_null, NULL);
@@ -399,14 +400,13 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 static ArrayType *
 operator_adapters(ArrayType *adapters)
 {
-	bool		want[TRACE_NUM_ADAPTERS] = {false};
+	bool		want[TRACE_MAX_ADAPTERS] = {false};
 	ArrayType  *result;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			n;
 
-	deconstruct_array(adapters, TEXTOID, -1, false, TYPALIGN_INT,
-					  &elems, &nulls, &n);
+	deconstruct_array_builtin(adapters, TEXTOID, &elems, &nulls, &n);
 	for (int i = 0; i < n; i++)
 	{
 		char	   *name;
@@ -417,12 +417,12 @@ operator_adapters(ArrayType *adapters)
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("trace.enqueue: adapters must not contain NULL")));
 		name = TextDatumGetCString(elems[i]);
-		kind = trace_adapter_from_name(name);
+		kind = trace_adapter_id(name);
 		if (kind < 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("trace.enqueue: unknown adapter \"%s\"", name),
-					 errhint("The adapters are myfxbook, webhook and file.")));
+					 errhint("The adapters are %s.", trace_adapter_list())));
 		want[kind] = true;
 	}
 	result = adapters_array(want);
@@ -451,7 +451,7 @@ enqueue_from_table(Oid relid, int64 trade_id, ArrayType *adapters)
 				   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
 											  get_rel_name(relid)));
 	if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not read trade %lld", (long long) trade_id);
+		elog(ERROR, "could not read trade %lld", (long long) trade_id);
 	if (SPI_processed == 0)
 		return -1;
 
@@ -487,12 +487,13 @@ trace_enqueue(PG_FUNCTION_ARGS)
 	if (adapters != NULL)
 		adapters = operator_adapters(adapters);
 
-	SPI_connect();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 	if (SPI_execute("SELECT t.tgrelid FROM pg_catalog.pg_trigger t "
 					" WHERE t.tgname = 'trace_ext_enqueue' AND t.tgparentid = 0 "
 					"   AND t.tgfoid = 'trace._on_trade_close()'::pg_catalog.regprocedure "
 					" ORDER BY 1", true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "trace_ext: could not list attached tables");
+		elog(ERROR, "could not list attached tables");
 	ntables = SPI_processed;
 	if (ntables == 0)
 		ereport(ERROR,

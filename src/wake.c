@@ -1,5 +1,13 @@
 /*
- * wake.c: waking the workers when work for them commits.
+ * wake.c: the workers' slots in shared memory, and waking them when work
+ * for them commits.
+ *
+ * Each worker has a slot: its pid and latch (so that an enqueuing
+ * transaction can wake it), when it plans to look at the queue by itself,
+ * and how many times it has reloaded its configuration.  Locking: pid and
+ * latch are guarded by a spinlock, taken only when a worker starts or
+ * exits and when the live ones are listed; the planned wake-ups and
+ * reload counts are atomics.  Waking never blocks: it only sets latches.
  *
  * A worker sleeps until the earliest due_at it knows of and runs no query
  * in between, so everything that makes a row due sooner must wake it: a
@@ -16,7 +24,14 @@
 #include "access/xact.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
 #include "nodes/parsenodes.h"
+#include "port/atomics.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
 #include "tcop/utility.h"
 #include "utils/timestamp.h"
 
@@ -24,6 +39,22 @@
 
 PG_FUNCTION_INFO_V1(trace_wake);
 PG_FUNCTION_INFO_V1(trace_queue_changed);
+PG_FUNCTION_INFO_V1(trace_worker_reloads);
+
+typedef struct WorkerSlots
+{
+	slock_t		mutex;			/* guards pids, latches, database_missing */
+	pid_t		pids[TRACE_MAX_WORKERS];
+	Latch	   *latches[TRACE_MAX_WORKERS];
+	/* each worker's next planned pass (a TimestampTz); DT_NOEND: any commit */
+	pg_atomic_uint64 wake_at[TRACE_MAX_WORKERS];
+	/* configuration reloads each worker has made since it started */
+	pg_atomic_uint64 reloads[TRACE_MAX_WORKERS];
+	bool		database_missing;	/* a worker found trace.database absent */
+} WorkerSlots;
+
+static WorkerSlots *slots = NULL;
+static int	my_slot = -1;
 
 /* Set in the workers: their own queue updates wake nobody. */
 bool		trace_is_worker = false;
@@ -36,6 +67,8 @@ static TimestampTz wake_due = DT_NOEND;
 static bool xact_callback_registered = false;
 static ProcessUtility_hook_type prev_utility_hook = NULL;
 
+static void wake_workers(TimestampTz due);
+
 static void
 xact_callback(XactEvent event, void *arg)
 {
@@ -44,7 +77,7 @@ xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (wake_due != DT_NOEND)
-				trace_wake_workers(wake_due);
+				wake_workers(wake_due);
 			wake_due = DT_NOEND;
 			break;
 		case XACT_EVENT_ABORT:
@@ -146,4 +179,164 @@ trace_queue_changed(PG_FUNCTION_ARGS)
 	if (!trace_enqueuing)
 		trace_request_wake();
 	PG_RETURN_POINTER(NULL);
+}
+
+/* ---- the slots ---- */
+
+Size
+trace_wake_shmem_size(void)
+{
+	return sizeof(WorkerSlots);
+}
+
+void
+trace_wake_shmem_init(void)
+{
+	bool		found;
+
+	slots = ShmemInitStruct("trace_ext worker slots", sizeof(WorkerSlots), &found);
+	if (found)
+		return;
+	memset(slots, 0, sizeof(WorkerSlots));
+	SpinLockInit(&slots->mutex);
+	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+	{
+		pg_atomic_init_u64(&slots->wake_at[i], (uint64) DT_NOEND);
+		pg_atomic_init_u64(&slots->reloads[i], 0);
+	}
+}
+
+static void
+worker_slot_detach(int code, Datum arg)
+{
+	SpinLockAcquire(&slots->mutex);
+	slots->pids[my_slot] = 0;
+	slots->latches[my_slot] = NULL;
+	SpinLockRelease(&slots->mutex);
+	my_slot = -1;
+}
+
+/* A worker announces itself, so that commits can wake it. */
+void
+trace_worker_slot_attach(int slot)
+{
+	Assert(slot >= 0 && slot < TRACE_MAX_WORKERS);
+	my_slot = slot;
+	SpinLockAcquire(&slots->mutex);
+	slots->pids[slot] = MyProcPid;
+	slots->latches[slot] = MyLatch;
+	SpinLockRelease(&slots->mutex);
+	pg_atomic_write_u64(&slots->reloads[slot], 0);
+	trace_publish_wake_at(DT_NOEND);
+	on_shmem_exit(worker_slot_detach, (Datum) 0);
+}
+
+/* A worker has re-read its configuration (SIGHUP). */
+void
+trace_note_reload(void)
+{
+	if (slots != NULL && my_slot >= 0)
+		pg_atomic_fetch_add_u64(&slots->reloads[my_slot], 1);
+}
+
+/*
+ * trace._worker_reloads(): for each running worker, how many times it has
+ * re-read its configuration since it started.  An operator (or a test)
+ * that changed a setting knows from it when every worker runs with it.
+ */
+Datum
+trace_worker_reloads(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; slots != NULL && i < TRACE_MAX_WORKERS; i++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false, false};
+		pid_t		pid;
+
+		SpinLockAcquire(&slots->mutex);
+		pid = slots->pids[i];
+		SpinLockRelease(&slots->mutex);
+		if (pid == 0)
+			continue;
+		values[0] = Int32GetDatum((int32) pid);
+		values[1] = Int64GetDatum((int64) pg_atomic_read_u64(&slots->reloads[i]));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/* The pids of the running workers: their leases are not orphans. */
+int
+trace_live_worker_pids(int *pids, int max)
+{
+	int			n = 0;
+
+	SpinLockAcquire(&slots->mutex);
+	for (int i = 0; i < TRACE_MAX_WORKERS && n < max; i++)
+		if (slots->pids[i] != 0)
+			pids[n++] = slots->pids[i];
+	SpinLockRelease(&slots->mutex);
+	return n;
+}
+
+/*
+ * Whether trace.database was missing when a worker last tried it: workers
+ * then wait for it quietly instead of failing at every restart.
+ */
+bool
+trace_database_missing(void)
+{
+	bool		missing;
+
+	SpinLockAcquire(&slots->mutex);
+	missing = slots->database_missing;
+	SpinLockRelease(&slots->mutex);
+	return missing;
+}
+
+void
+trace_set_database_missing(bool missing)
+{
+	SpinLockAcquire(&slots->mutex);
+	slots->database_missing = missing;
+	SpinLockRelease(&slots->mutex);
+}
+
+/*
+ * A worker says when it will next look at the queue by itself: commits of
+ * rows due no earlier need not wake it.  Before a pass it says DT_NOEND,
+ * so that every commit during the pass sets its latch and the pass is
+ * followed by another.  The exchange is a full barrier: the value is
+ * visible before the worker's next snapshot is taken.
+ */
+void
+trace_publish_wake_at(TimestampTz when)
+{
+	if (my_slot >= 0)
+		(void) pg_atomic_exchange_u64(&slots->wake_at[my_slot], (uint64) when);
+}
+
+/*
+ * Wake the workers that would otherwise sleep past `due` (DT_NOBEGIN: all
+ * of them).  Reading a latch pointer without the spinlock is safe: it
+ * points into a PGPROC, which outlives the worker, and setting a stale
+ * latch only causes a spurious wakeup.
+ */
+static void
+wake_workers(TimestampTz due)
+{
+	if (slots == NULL)
+		return;
+	pg_memory_barrier();		/* our commit is visible before we look */
+	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+	{
+		Latch	   *latch = slots->latches[i];
+
+		if (latch != NULL &&
+			due < (TimestampTz) pg_atomic_read_u64(&slots->wake_at[i]))
+			SetLatch(latch);
+	}
 }

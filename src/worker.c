@@ -5,14 +5,25 @@
  * standby runs none), connect to trace.database and wait quietly until
  * the extension exists there.  Each then loops: sleep until the earliest
  * due_at, trace.poll_interval at most, or until an enqueuing transaction
- * commits and sets our latch; then run a pass.  A pass claims due rows in
- * a short transaction, hands them to the adapters and the HTTP driver,
- * tops the pipe up as requests finish, and records outcomes in further
- * short transactions.  No transaction or snapshot is open while requests
- * are in flight.  An error in a pass is logged, its transaction aborted,
- * its transfers dropped (their leases expire and they are sent again),
- * and the worker carries on; SIGTERM ends it, SIGHUP reloads settings.
- * A worker that exits is restarted by the postmaster after a second.
+ * commits and sets our latch; then run a pass.
+ *
+ * This file is the one place that sequences a pass; the modules it calls
+ * do one step each and never call back:
+ *   claim    queue.c, in a short transaction that worker.c opens, in which
+ *            payload.c builds the payloads (consent checked at send time)
+ *            and the rows turned down are cancelled;
+ *   prepare  the row's adapter (adapters/), outside any transaction;
+ *   send     http.c, many requests in flight, the pipe topped up as they
+ *            finish;
+ *   explain  outcome.c reads the response, the adapter may add to it;
+ *   record   queue.c, one short transaction per round (retry or abandon:
+ *            the rule is outcome.c's);
+ *   count    metrics.c.
+ * No transaction or snapshot is open while requests are in flight.  An
+ * error in a pass is logged, its transaction aborted, its transfers
+ * dropped (their leases expire and they are sent again), and the worker
+ * carries on; SIGTERM ends it, SIGHUP reloads settings.  A worker that
+ * exits is restarted by the postmaster after a second.
  */
 #include "postgres.h"
 
@@ -31,6 +42,7 @@
 #include "utils/timestamp.h"
 
 #include "adapters/adapter.h"
+#include "src/http.h"
 #include "src/trace_ext.h"
 
 /*
@@ -50,8 +62,21 @@ typedef struct TraceBatch
 	int			outstanding;
 } TraceBatch;
 
+/*
+ * What a pass knows while it runs: the items finished and not yet
+ * recorded, and the requests each adapter has in flight.
+ */
+typedef struct PassState
+{
+	TraceItem **done;			/* finished, to be recorded */
+	int			ndone;
+	int			done_size;
+	int			inflight[TRACE_MAX_ADAPTERS];
+	int			inflight_total;
+	int			claimed;		/* rows claimed by the pass */
+} PassState;
+
 static MemoryContext worker_cxt = NULL;
-static int	rows_claimed = 0;		/* by the current pass */
 
 /*
  * Adapters run outside transactions but use PostgreSQL's crypto (HMAC,
@@ -125,9 +150,23 @@ batch_release(TraceItem *item)
 		MemoryContextDelete(batch->cxt);
 }
 
-/* Hand claimed items to their adapters: send, or finish at once. */
+/* An item is finished: keep it for the next record round. */
 static void
-dispatch(TraceItem *items, int n)
+push_done(PassState *pass, TraceItem *item)
+{
+	if (pass->ndone == pass->done_size)
+	{
+		pass->done_size = Max(64, pass->done_size * 2);
+		pass->done = pass->done
+			? repalloc(pass->done, sizeof(TraceItem *) * pass->done_size)
+			: MemoryContextAlloc(worker_cxt, sizeof(TraceItem *) * pass->done_size);
+	}
+	pass->done[pass->ndone++] = item;
+}
+
+/* Prepare: hand claimed items to their adapters, then send or finish. */
+static void
+dispatch(PassState *pass, TraceItem *items, int n)
 {
 	for (int i = 0; i < n; i++)
 	{
@@ -142,106 +181,148 @@ dispatch(TraceItem *items, int n)
 		}
 		if (item->out.done)		/* failed while building the payload */
 		{
-			trace_http_push_done(item);
+			push_done(pass, item);
 			continue;
 		}
 		memset(&req, 0, sizeof(req));
 		CurrentResourceOwner = adapter_owner;
 		prep = trace_adapter(item->adapter)->prepare(item, &req);
 		CurrentResourceOwner = NULL;
-		if (prep == TRACE_PREP_SEND)
-			trace_http_start(item, &req);
-		else
-			trace_http_push_done(item);
+		if (prep == TRACE_PREP_DONE)
+		{
+			push_done(pass, item);
+			continue;
+		}
+		trace_http_start(item, &req);
+		pass->inflight[item->adapter]++;
+		pass->inflight_total++;
 	}
 }
 
 /*
- * Claim and dispatch up to `slots` rows; false when fewer were due.
- * *capped says whether an adapter was left out for having its share of
- * the slots already.
+ * Explain: what the transport says of each finished request becomes its
+ * item's outcome, which the adapter may refine from the response body.
+ */
+static void
+collect_responses(PassState *pass)
+{
+	TraceResponse resp;
+
+	while (trace_http_next(&resp))
+	{
+		TraceItem  *item = resp.tag;
+		const TraceAdapter *adapter = trace_adapter(item->adapter);
+
+		pass->inflight[item->adapter]--;
+		pass->inflight_total--;
+		trace_outcome_from_response(&item->out, &resp);
+		if (!item->out.delivered && resp.body[0] != '\0' && adapter->explain)
+			adapter->explain(item, resp.body);
+		push_done(pass, item);
+	}
+}
+
+/*
+ * Claim: up to `slots` due rows in one short transaction, with their
+ * payloads built from the trades as they are now and the rows that may
+ * not be sent any more cancelled; then hand them to their adapters.
+ * False when fewer were due (*next_due: when the next is).  *capped says
+ * whether an adapter was left out for having its share of the slots.
  */
 static bool
-claim_more(int slots, TimestampTz *next_due, bool *capped)
+claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 {
-	bool		saturated[TRACE_NUM_ADAPTERS] = {false};
+	bool		skip[TRACE_MAX_ADAPTERS] = {false};
 	int			enabled = 0;
 	int			cap = Max(1, (trace_batch_size * 3) / 4);
 	TraceBatch *batch;
 	MemoryContext cxt;
-	MemoryContext old;
 	TraceItem  *items;
-	TimestampTz due;
 	int			n;
 
 	/*
 	 * With several trackers, none may take every slot: a hanging tracker
 	 * must not hold up the others' deliveries.
 	 */
-	for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+	for (int a = 0; a < trace_num_adapters; a++)
 		enabled += trace_adapter_enabled(a) ? 1 : 0;
 	*capped = false;
 	if (enabled > 1)
-		for (int a = 0; a < TRACE_NUM_ADAPTERS; a++)
+		for (int a = 0; a < trace_num_adapters; a++)
 		{
-			saturated[a] = trace_http_inflight(a) >= cap;
-			*capped |= saturated[a];
+			skip[a] = pass->inflight[a] >= cap;
+			*capped |= skip[a];
 		}
 
 	cxt = AllocSetContextCreate(worker_cxt, "trace_ext batch", ALLOCSET_DEFAULT_SIZES);
-	old = MemoryContextSwitchTo(cxt);
-	batch = palloc(sizeof(TraceBatch));
+	batch = MemoryContextAlloc(cxt, sizeof(TraceBatch));
 	batch->cxt = cxt;
-	n = trace_queue_claim(slots, saturated, &items, &due);
-	MemoryContextSwitchTo(old);
-	rows_claimed += n;
+
+	trace_queue_begin("trace_ext: claiming due rows");
+	n = trace_queue_claim(slots, skip, cxt, &items);
+	if (n > 0)
+	{
+		/* payloads must outlive the transaction: built in the batch's context */
+		trace_payload_build(items, n, cxt);
+		trace_queue_cancel(items, n);
+	}
+	*next_due = (n < slots) ? trace_queue_next_due() : 0;
+	trace_queue_commit();
+	pass->claimed += n;
 
 	if (n == 0)
 		MemoryContextDelete(cxt);
 	else
 	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+
 		batch->outstanding = n;
 		for (int i = 0; i < n; i++)
 			items[i].batch = batch;
-		old = MemoryContextSwitchTo(cxt);
-		dispatch(items, n);
+		dispatch(pass, items, n);
 		MemoryContextSwitchTo(old);
 	}
-
-	if (n < slots)
-	{
-		*next_due = due;
-		return false;
-	}
-	return true;
+	return n == slots;
 }
 
-/* Record every finished item in one transaction. */
-static TimestampTz
-record_done(void)
+/* Warn of the rows abandoned, once their recording has committed. */
+static void
+warn_abandoned(List *rows)
 {
-	TraceItem **items;
-	TraceItem  *item;
-	int			n = 0;
-	int			size = 64;
+	ListCell   *lc;
+
+	foreach(lc, rows)
+	{
+		TraceAbandoned *row = lfirst(lc);
+
+		ereport(WARNING,
+				(errmsg("giving up on trade %s for adapter %s after %s attempts: %s",
+						row->trade, row->adapter, row->attempts,
+						row->error ? row->error : "unknown error"),
+				 errhint("Fix the cause, then call trace.retry() or trace.retry_abandoned().")));
+	}
+}
+
+/*
+ * Record and count: every finished item in one transaction.  Returns the
+ * earliest retry scheduled (DT_NOEND if none).
+ */
+static TimestampTz
+record_done(PassState *pass)
+{
 	TimestampTz retry_at;
+	List	   *abandoned = NIL;
 	MemoryContext scratch = AllocSetContextCreate(worker_cxt, "trace_ext record",
 												  ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(scratch);
 
-	items = palloc(sizeof(TraceItem *) * size);
-	while ((item = trace_http_next_done()) != NULL)
-	{
-		if (n == size)
-		{
-			size *= 2;
-			items = repalloc(items, sizeof(TraceItem *) * size);
-		}
-		items[n++] = item;
-	}
-	retry_at = (n > 0) ? trace_queue_record(items, n) : DT_NOEND;
-	for (int i = 0; i < n; i++)
-		batch_release(items[i]);
+	for (int i = 0; i < pass->ndone; i++)
+		trace_metrics_count(pass->done[i]);
+	retry_at = trace_queue_record(pass->done, pass->ndone, &abandoned);
+	warn_abandoned(abandoned);
+	for (int i = 0; i < pass->ndone; i++)
+		batch_release(pass->done[i]);
+	pass->ndone = 0;
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(scratch);
 	return retry_at;
@@ -264,21 +345,23 @@ wait_ms(TimestampTz claim_due)
 
 /*
  * One pass: keep claiming, sending and recording until nothing is in
- * flight and nothing more is due.  Returns when the next row is due.
+ * flight and nothing more is due.  Returns when the next row is due;
+ * *claimed is how many rows the pass claimed.
  */
 static TimestampTz
-run_pass(void)
+run_pass(int *claimed)
 {
+	PassState	pass;
+	bool		latch_set = true;	/* we were woken, or it is time */
 	bool		may_have_due = true;
 	bool		capped = false;
 	TimestampTz next_due = DT_NOEND;
 	TimestampTz claim_due = DT_NOEND;
 	TimestampTz claimed_at = 0;
 
-	rows_claimed = 0;
+	memset(&pass, 0, sizeof(pass));
 	for (;;)
 	{
-		int			inflight;
 		int			slots;
 
 		/*
@@ -286,7 +369,7 @@ run_pass(void)
 		 * flags it stands for are looked at: a SIGHUP that comes after
 		 * reload_if_asked() sets it again, and the next wait returns.
 		 */
-		if (MyLatch->is_set)
+		if (latch_set)
 		{
 			ResetLatch(MyLatch);
 			may_have_due = true;
@@ -299,21 +382,19 @@ run_pass(void)
 			GetCurrentTimestamp() >= claim_due)
 			may_have_due = true;
 
-		inflight = trace_http_inflight_total();
-		slots = trace_batch_size - inflight;
+		slots = trace_batch_size - pass.inflight_total;
 		if (may_have_due && slots > 0 &&
-			(inflight == 0 || slots >= Max(1, trace_batch_size / 2)))
+			(pass.inflight_total == 0 || slots >= Max(1, trace_batch_size / 2)))
 		{
 			claim_due = DT_NOEND;
 			claimed_at = GetCurrentTimestamp();
-			may_have_due = claim_more(slots, &claim_due, &capped);
+			may_have_due = claim_more(&pass, slots, &claim_due, &capped);
 		}
 
-		if (trace_http_has_done())
+		collect_responses(&pass);
+		if (pass.ndone > 0)
 		{
-			TimestampTz retry_at = record_done();
-
-			next_due = Min(next_due, retry_at);
+			next_due = Min(next_due, record_done(&pass));
 			/* slots freed: an adapter left out at its cap may go now */
 			if (capped)
 				may_have_due = true;
@@ -324,40 +405,57 @@ run_pass(void)
 		 * another transaction: they are left to the next pass, after a
 		 * short sleep (see sleep_until), rather than spun on here.
 		 */
-		if (trace_http_inflight_total() == 0 && !may_have_due &&
-			!trace_http_has_done())
+		if (pass.inflight_total == 0 && !may_have_due)
 			break;
-		trace_http_poll(wait_ms(claim_due));
+		latch_set = trace_http_wait(wait_ms(claim_due));
 	}
+	if (pass.done)
+		pfree(pass.done);
+	*claimed = pass.claimed;
 	return Min(next_due, claim_due);
 }
 
+/*
+ * After an error in the worker (reported or not by the caller, as
+ * `report` says): forget it, abort its transaction, and drop what a pass
+ * held: transfers in flight, outcomes not recorded (their rows stay
+ * leased and are sent again when the lease ends), resources an adapter
+ * had registered, the pass's memory.
+ */
 static void
-forget_pass_state(void)
+recover_after_error(bool report)
 {
+	HOLD_INTERRUPTS();
+	if (report)
+		EmitErrorReport();
+	AbortOutOfAnyTransaction();
+	ResourceOwnerRelease(adapter_owner, RESOURCE_RELEASE_BEFORE_LOCKS, false, false);
+	ResourceOwnerRelease(adapter_owner, RESOURCE_RELEASE_LOCKS, false, false);
+	ResourceOwnerRelease(adapter_owner, RESOURCE_RELEASE_AFTER_LOCKS, false, false);
+	CurrentResourceOwner = NULL;
 	trace_http_abort_all();
+	MemoryContextSwitchTo(TopMemoryContext);
+	FlushErrorState();
 	MemoryContextReset(worker_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	RESUME_INTERRUPTS();
 }
 
 /* Run a pass; on error, log it, clean up and carry on. */
 static TimestampTz
-run_pass_guarded(bool *extension_ok)
+run_pass_guarded(bool *extension_ok, int *claimed)
 {
 	TimestampTz next_due = DT_NOEND;
 
 	PG_TRY();
 	{
-		next_due = run_pass();
+		next_due = run_pass(claimed);
 	}
 	PG_CATCH();
 	{
-		EmitErrorReport();
-		FlushErrorState();
-		AbortOutOfAnyTransaction();
-		CurrentResourceOwner = NULL;
-		forget_pass_state();
-		pgstat_report_activity(STATE_IDLE, NULL);
+		recover_after_error(true);
 		*extension_ok = false;
+		*claimed = 0;
 		next_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 											   Max(trace_poll_interval_ms, 1000));
 	}
@@ -383,15 +481,11 @@ housekeeping_failed(const char *what)
 	edata = CopyErrorData();
 	MemoryContextSwitchTo(old);
 	yielded = edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+	recover_after_error(!yielded);
 	if (yielded)
 		ereport(LOG,
-				(errmsg("trace_ext: %s gave way to a lock held by another session; retrying in %d s",
+				(errmsg("%s gave way to a lock held by another session; retrying in %d s",
 						what, HOUSEKEEPING_RETRY_MS / 1000)));
-	else
-		EmitErrorReport();
-	FlushErrorState();
-	FreeErrorData(edata);
-	AbortOutOfAnyTransaction();
 	return yielded;
 }
 
@@ -416,7 +510,7 @@ cleanup_if_due(void)
 
 		if (deleted > 0)
 			ereport(LOG,
-					(errmsg("trace_ext: deleted " INT64_FORMAT " queue rows older than trace.ttl",
+					(errmsg("deleted " INT64_FORMAT " queue rows older than trace.ttl",
 							deleted)));
 		/* rows queued from now on expire a whole ttl from now, or later */
 		if (oldest == DT_NOEND || oldest > now)
@@ -453,7 +547,7 @@ reconcile_if_due(void)
 		queued = trace_queue_reconcile();
 		if (queued >= 0)
 			ereport(DEBUG1,
-					(errmsg("trace_ext: reconciliation sweep queued " INT64_FORMAT " rows",
+					(errmsg("reconciliation sweep queued " INT64_FORMAT " rows",
 							queued)));
 	}
 	PG_CATCH();
@@ -476,25 +570,25 @@ reconcile_if_due(void)
 static bool
 nap(long timeout_ms)
 {
-	int			rc = 0;
+	int			rc;
 
 	/* a reload asked for while the latch was being reset: no sleep first */
 	if (ConfigReloadPending)
 		timeout_ms = 0;
-	if (timeout_ms > 0)
-		rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					   timeout_ms, PG_WAIT_EXTENSION);
+	rc = WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+				   Max(timeout_ms, 0), PG_WAIT_EXTENSION);
 	CHECK_FOR_INTERRUPTS();
 	reload_if_asked();
-	return (rc & WL_LATCH_SET) != 0 || MyLatch->is_set;
+	return (rc & WL_LATCH_SET) != 0;
 }
 
 /*
  * Sleep until the next row is due, trace.poll_interval at most; true if
- * woken (a commit queued or changed rows, or a signal came).
+ * woken (a commit queued or changed rows, or a signal came).  claimed: the
+ * rows the last pass claimed.
  */
 static bool
-sleep_until(TimestampTz when)
+sleep_until(TimestampTz when, int claimed)
 {
 	long		timeout = trace_poll_interval_ms;
 
@@ -503,7 +597,7 @@ sleep_until(TimestampTz when)
 		long		until = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), when);
 
 		timeout = Min(timeout, until);
-		if (rows_claimed == 0)
+		if (claimed == 0)
 			timeout = Max(timeout, Min(LOCKED_ROW_SLEEP_MS, trace_poll_interval_ms));
 	}
 	return nap(timeout);
@@ -525,13 +619,13 @@ wait_for_extension(void)
 			break;
 		if (!logged)
 			ereport(LOG,
-					(errmsg("trace_ext: waiting for CREATE EXTENSION trace_ext in database \"%s\"",
+					(errmsg("waiting for CREATE EXTENSION trace_ext in database \"%s\"",
 							trace_database)));
 		logged = true;
 		nap(WAITING_LOOK_MS);
 	}
 	if (logged)
-		ereport(LOG, (errmsg("trace_ext: extension found; delivering")));
+		ereport(LOG, (errmsg("extension found; delivering")));
 }
 
 /* A worker that dies before its connection is made says why, for the next. */
@@ -568,13 +662,13 @@ wait_for_database(void)
 		{
 			trace_set_database_missing(false);
 			ereport(LOG,
-					(errmsg("trace_ext: database \"%s\" exists now; the worker restarts to connect to it",
+					(errmsg("database \"%s\" exists now; the worker restarts to connect to it",
 							trace_database)));
 			proc_exit(1);
 		}
 		if (!logged)
 			ereport(LOG,
-					(errmsg("trace_ext: waiting for database \"%s\" (trace.database) to be created",
+					(errmsg("waiting for database \"%s\" (trace.database) to be created",
 							trace_database)));
 		logged = true;
 		nap(WAITING_LOOK_MS);
@@ -612,7 +706,7 @@ pin_session_settings(void)
 {
 	if (DefaultXactReadOnly)
 		ereport(LOG,
-				(errmsg("trace_ext: default_transaction_read_only is on in database \"%s\"; the worker's own transactions are read-write all the same",
+				(errmsg("default_transaction_read_only is on in database \"%s\"; the worker's own transactions are read-write all the same",
 						trace_database),
 				 errdetail("It is set for the database, for the worker's role or for the server; the worker must record its deliveries in trace.trace_queue.")));
 	SetConfigOption("default_transaction_isolation", "read committed",
@@ -649,6 +743,7 @@ trace_worker_main(Datum arg)
 	int			slot = DatumGetInt32(arg);
 	bool		extension_ok = false;
 	bool		woken = true;
+	int			claimed = 0;
 	TimestampTz next_due = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -681,9 +776,7 @@ trace_worker_main(Datum arg)
 			}
 			PG_CATCH();
 			{
-				EmitErrorReport();
-				FlushErrorState();
-				AbortOutOfAnyTransaction();
+				recover_after_error(true);
 			}
 			PG_END_TRY();
 		}
@@ -696,13 +789,13 @@ trace_worker_main(Datum arg)
 		if (woken || GetCurrentTimestamp() >= next_due)
 		{
 			trace_publish_wake_at(DT_NOEND);
-			next_due = run_pass_guarded(&extension_ok);
+			next_due = run_pass_guarded(&extension_ok, &claimed);
 		}
 		cleanup_if_due();
 		if (reconcile_if_due())
 			next_due = 0;		/* rows queued: run a pass now */
 		/* rows due later than next_due need not wake us (see wake.c) */
 		trace_publish_wake_at(next_due);
-		woken = sleep_until(Min(Min(next_due, next_cleanup), next_reconcile));
+		woken = sleep_until(Min(Min(next_due, next_cleanup), next_reconcile), claimed);
 	}
 }

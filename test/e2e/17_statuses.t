@@ -190,7 +190,7 @@ try:
         n0 = env.sql1("SELECT count(*) FROM trace.trace_queue")
         since = env.cluster.log_size()
         env.set_gucs({"trace.ttl": "2s"})
-        rx = re.compile(r"^(\S+ \S+) \S+ \[\d+\] .*trace_ext: deleted (\d+) queue rows "
+        rx = re.compile(r"^(\S+ \S+) \S+ \[\d+\] .*LOG:  deleted (\d+) queue rows "
                         r"older than trace\.ttl", re.M)
 
         def deleted(since):

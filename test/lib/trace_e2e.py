@@ -175,6 +175,7 @@ class TraceEnv:
             })
         base.update(gucs or {})
         self.extra_secrets = []            # add_secret(): more values to keep out of logs
+        self.header_secrets = set()        # add_secret(): (value, adapter, header) allowed
         self.cluster = Cluster(settings=base, debug=debug, name=name,
                                server_env=server_env)
         self.db = None
@@ -490,11 +491,15 @@ class TraceEnv:
              "%s: webhook-signature v1,<base64 HMAC-SHA256(id.timestamp.body)>" % label,
              "got %r\nexpected v1,%s" % (sig, want))
 
-    def add_secret(self, value):
+    def add_secret(self, value, adapter=None, header=None):
         """Remember a secret value set outside set_gucs' known tokens (e.g.
-        S3 credentials) so that check_log_clean() scans for it too."""
+        S3 credentials) so that check_log_clean() scans for it too.  With
+        adapter and header: the one header of that adapter's requests
+        where the value may be sent, as it is."""
         if value and value not in self.extra_secrets:
             self.extra_secrets.append(value)
+        if adapter and header:
+            self.header_secrets.add((value, adapter, header.lower()))
 
     def secret_values(self):
         vals = set(v for v in self.tokens.values() if v)
@@ -582,7 +587,9 @@ class TraceEnv:
                         or (sv in self.extra_secrets and adapter == "file"
                             and name.lower() == "authorization"
                             and value.startswith("AWS4-HMAC-SHA256 Credential=" + sv + "/")
-                            and value.count(sv) == 1))
+                            and value.count(sv) == 1)
+                        or ((sv, adapter, name.lower()) in self.header_secrets
+                            and value == sv))
                     if not allowed:
                         bad.append("request #%d (%s): a secret in header %s"
                                    % (r.seq, adapter, name))

@@ -1,0 +1,38 @@
+/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library */
+
+\echo Use "ALTER EXTENSION trace_ext UPDATE TO '1.4'" to load this file. \quit
+
+/* ------------------------------------------------------------------------
+ * The adapters are listed once, in the library (adapters/registry.c); SQL
+ * reads the list from there instead of naming them again.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._adapters() RETURNS text[]
+    LANGUAGE c STABLE STRICT PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'trace_adapters_fn';
+
+REVOKE ALL ON FUNCTION trace._adapters() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._adapters() IS
+    'the adapters this library knows, in the order of the metrics rows';
+
+COMMENT ON FUNCTION trace._queue_values_ok(text, text) IS
+    'the queue''s CHECK rule: adapter is one of trace._adapters(); status is pending, sending, delivered, abandoned or cancelled';
+COMMENT ON CONSTRAINT trace_queue_values_check ON trace.trace_queue IS
+    'adapter is one of trace._adapters(); status is pending, sending, delivered, abandoned or cancelled';
+
+CREATE OR REPLACE VIEW trace.metrics AS
+SELECT k.adapter,
+       COALESCE(c.pushed_total, 0) AS pushed_total,
+       COALESCE(c.fail_total, 0) AS fail_total,
+       COALESCE(p.pending, 0) AS pending,
+       COALESCE(c.post_duration_count, 0) AS post_duration_count,
+       COALESCE(c.post_duration_sum, 0) AS post_duration_sum
+  FROM pg_catalog.unnest(trace._adapters()) WITH ORDINALITY AS k(adapter, ord)
+  LEFT JOIN trace._counters() c ON c.adapter = k.adapter
+  LEFT JOIN (SELECT q.adapter, pg_catalog.count(*) AS pending
+               FROM trace.trace_queue q
+              WHERE q.status IN ('pending', 'sending')
+              GROUP BY q.adapter) p ON p.adapter = k.adapter
+ ORDER BY k.ord;
+
+GRANT EXECUTE ON FUNCTION trace._adapters() TO pg_monitor;
