@@ -74,7 +74,7 @@ adapters/common.o: $(srcdir)/$(EXTENSION).control
 # A separate build directory needs the object directories, and the
 # fixture that sql/install.sql reads with \i (relative to the directory
 # pg_regress runs in).
-ifneq ($(srcdir),.)
+ifneq ($(abspath $(srcdir)),$(CURDIR))
 $(shell mkdir -p src adapters)
 installcheck: regress-fixtures
 endif
