@@ -24,6 +24,14 @@ Response specs, in Python or on the command line:
                                 (or until the server stops), then close
     "delay:1.5" / "delay:1.5:503"   answer after 1.5 s (default status 200)
     {"status": 200, "delay": 1.5, "body": "..."}
+
+Per-request behaviour (Python only): set_behaviour(path, ..., hook=fn)
+calls fn(request) (a Captured, headers and body read) for each request to
+that path, before the script; a spec it returns is the answer, None lets
+the script and default answer as usual (and consumes one script entry).
+E.g. a poisoned trade among healthy ones:
+    srv.set_behaviour("/webhook", hook=lambda r: 422
+                      if r.header("Idempotency-Key") == "1234-webhook" else None)
 """
 
 import argparse
@@ -151,6 +159,7 @@ class _Route:
     def __init__(self):
         self.script = []
         self.default = None
+        self.hook = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -207,7 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
         rec = owner._record(t, self.command, self.path,
                             list(self.headers.items()), body,
                             self.client_address[1])
-        resp = owner._next_response(route)
+        resp = owner._next_response(route, rec)
         rec.response = resp
         if resp.get("hang"):
             limit = None if resp["hang"] is True else resp["hang"]
@@ -345,21 +354,32 @@ class CaptureServer:
         return self.base_url + path
 
     # -- behaviour --------------------------------------------------------
-    def set_behaviour(self, path, *script, default=None):
+    def set_behaviour(self, path, *script, default=None, hook=None):
         """Answer `path` with the responses in `script`, in order, then
         with `default` (the server-wide default if None).  Replaces any
-        earlier behaviour of that path."""
+        earlier behaviour of that path.  hook: a callable given each
+        request (a Captured) first; the response spec it returns answers
+        that request, None leaves it to the script and default."""
+        if hook is not None and not callable(hook):
+            raise ValueError("hook must be callable: %r" % (hook,))
         r = _Route()
         r.script = [normalise_response(s) for s in script]
         r.default = normalise_response(default) if default is not None else None
+        r.hook = hook
         with self._lock:
             self._routes[path] = r
 
-    def _next_response(self, route):
+    def _next_response(self, route, rec=None):
         with self._lock:
             r = self._routes.get(route)
-            if r is None:
-                return self.default
+        if r is None:
+            return self.default
+        if r.hook is not None and rec is not None:
+            # Outside the lock: a hook may look at the recorded requests.
+            spec = r.hook(rec)
+            if spec is not None:
+                return normalise_response(spec)
+        with self._lock:
             if r.script:
                 return r.script.pop(0)
             return r.default or self.default
