@@ -46,7 +46,7 @@ self="$repo/test/run.sh"
 if [ "${1:-}" = "--inside-virtualenv" ]; then
     status_dir=$2
     shift 2
-    cd "$repo"
+    cd "$repo" || exit 1
     want() { [ -z "${ONLY_LAYERS:-}" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 
     if want pgtap; then
@@ -127,7 +127,7 @@ export LC_ALL=C.UTF-8 LANG=C.UTF-8
 export PGVERSION=15
 export PATH="/usr/lib/postgresql/15/bin:$PATH"
 export PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-cd "$repo"
+cd "$repo" || exit 1
 
 start=$(date +%s)
 declare -A result

@@ -6,7 +6,7 @@
 # As an ordinary user, or against an existing server (no --temp-instance),
 # it runs the command as it is.  As root with --temp-instance it cannot:
 # initdb and postgres refuse to run as root.  It then copies what
-# pg_regress reads (sql/, expected/, test/fixtures, test/regress.conf) into
+# pg_regress reads (sql/, expected/, test/: fixtures, regress.conf) into
 # a private directory, runs pg_regress there as the postgres OS user
 # (TRACE_REGRESS_USER), and copies results/, regression.out and
 # regression.diffs back into the current directory, so the result looks the
@@ -35,9 +35,10 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/trace_ext_regress.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/src/test" "$work/run"
-cp -R "$srcdir/sql" "$srcdir/expected" "$work/src/"
-cp -R "$srcdir/test/fixtures" "$srcdir/test/regress.conf" "$work/src/test/"
+mkdir -p "$work/src" "$work/run"
+for d in sql expected input output data test; do
+    [ -d "$srcdir/$d" ] && cp -R "$srcdir/$d" "$work/src/"
+done
 # sql/install.sql reads test/fixtures/… relative to where pg_regress runs.
 ln -s ../src/test "$work/run/test"
 chown -R "$user" "$work"
