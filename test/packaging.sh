@@ -97,7 +97,14 @@ if [ ${#stale[@]} -gt 0 ]; then
     done
 fi
 
-# 2. build
+# 2. build (its Build-Depends from Debian's archive, if any is missing)
+if ! (cd "$src" && dpkg-checkbuilddeps) 2>"$work/builddeps.log"; then
+    cat "$work/builddeps.log"
+    [ -z "$no_install" ] || die "Build-Depends missing (and --no-install)"
+    step "apt-get build-dep ./"
+    (cd "$src" && apt-get build-dep -y -q ./ </dev/null) >"$work/builddep.log" 2>&1 ||
+        { tail -20 "$work/builddep.log"; die "apt-get build-dep"; }
+fi
 step "dpkg-buildpackage -us -uc -b (build-time regression suite included)"
 if ! (cd "$src" && dpkg-buildpackage -us -uc -b) >"$work/build.log" 2>&1; then
     tail -80 "$work/build.log"
