@@ -28,6 +28,7 @@ OBJS = \
 	src/queue.o \
 	src/payload.o \
 	src/outcome.o \
+	src/health.o \
 	src/http.o \
 	src/worker.o \
 	src/metrics.o \

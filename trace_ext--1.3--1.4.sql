@@ -1,4 +1,4 @@
-/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library */
+/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library; tracker health */
 
 \echo Use "ALTER EXTENSION trace_ext UPDATE TO '1.4'" to load this file. \quit
 
@@ -35,4 +35,29 @@ SELECT k.adapter,
               GROUP BY q.adapter) p ON p.adapter = k.adapter
  ORDER BY k.ord;
 
-GRANT EXECUTE ON FUNCTION trace._adapters() TO pg_monitor;
+/* ------------------------------------------------------------------------
+ * Tracker health: each tracker's circuit breaker, Retry-After pause and
+ * rate limit, kept in shared memory by the workers.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._tracker_health(
+    OUT adapter text, OUT state text, OUT since timestamptz,
+    OUT consecutive_failures integer, OUT next_probe_at timestamptz,
+    OUT paused_until timestamptz, OUT last_error text, OUT throttled bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_tracker_health';
+
+REVOKE ALL ON FUNCTION trace._tracker_health() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._tracker_health() IS
+    'per adapter: breaker state, since, consecutive failures, next probe, Retry-After pause, last error, rate-limit hold-backs';
+
+CREATE VIEW trace.tracker_health AS
+SELECT h.adapter, h.state, h.since, h.consecutive_failures, h.next_probe_at,
+       h.paused_until, h.last_error
+  FROM trace._tracker_health() h;
+
+COMMENT ON VIEW trace.tracker_health IS
+    'each tracker''s circuit breaker (closed, open, half_open) and Retry-After pause';
+
+GRANT EXECUTE ON FUNCTION trace._adapters(), trace._tracker_health() TO pg_monitor;
+GRANT SELECT ON trace.tracker_health TO pg_monitor;

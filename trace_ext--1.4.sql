@@ -687,6 +687,30 @@ COMMENT ON FUNCTION trace.prometheus_metrics() IS
     'the delivery metrics in the Prometheus text exposition format 0.0.4';
 
 /* ------------------------------------------------------------------------
+ * Tracker health: each tracker's circuit breaker, Retry-After pause and
+ * rate limit, kept in shared memory by the workers.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._tracker_health(
+    OUT adapter text, OUT state text, OUT since timestamptz,
+    OUT consecutive_failures integer, OUT next_probe_at timestamptz,
+    OUT paused_until timestamptz, OUT last_error text, OUT throttled bigint)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_tracker_health';
+
+REVOKE ALL ON FUNCTION trace._tracker_health() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._tracker_health() IS
+    'per adapter: breaker state, since, consecutive failures, next probe, Retry-After pause, last error, rate-limit hold-backs';
+
+CREATE VIEW trace.tracker_health AS
+SELECT h.adapter, h.state, h.since, h.consecutive_failures, h.next_probe_at,
+       h.paused_until, h.last_error
+  FROM trace._tracker_health() h;
+
+COMMENT ON VIEW trace.tracker_health IS
+    'each tracker''s circuit breaker (closed, open, half_open) and Retry-After pause';
+
+/* ------------------------------------------------------------------------
  * Privileges: PUBLIC gets nothing; pg_monitor reads the monitoring views.
  * ------------------------------------------------------------------------ */
 REVOKE ALL ON SCHEMA trace FROM PUBLIC;
@@ -695,9 +719,11 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA trace FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA trace FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA trace TO pg_monitor;
-GRANT SELECT ON trace.queue_summary, trace.failures, trace.metrics TO pg_monitor;
+GRANT SELECT ON trace.queue_summary, trace.failures, trace.metrics,
+    trace.tracker_health TO pg_monitor;
 GRANT EXECUTE ON FUNCTION trace._counters(), trace._fail_counters(),
-    trace._duration_histogram(), trace.prometheus_metrics(), trace._adapters() TO pg_monitor;
+    trace._duration_histogram(), trace.prometheus_metrics(), trace._adapters(),
+    trace._tracker_health() TO pg_monitor;
 
 /* ------------------------------------------------------------------------
  * On install: warn when nothing will be delivered, and attach to a visible

@@ -22,6 +22,7 @@ SELECT coalesce(i.name, s.name) AS name,
                ('trace.batch_size'), ('trace.poll_interval'), ('trace.max_retries'),
                ('trace.retry_backoff_base'), ('trace.retry_backoff_cap'),
                ('trace.ttl'), ('trace.reconcile_interval'), ('trace.http_timeout'),
+               ('trace.breaker_threshold'), ('trace.max_requests_per_second'),
                ('trace.enabled_adapters'),
                ('trace.payload_columns'), ('trace.myfxbook_webhook_url'),
                ('trace.myfxbook_webhook_token'), ('trace.webhook_endpoint'),
@@ -102,6 +103,8 @@ ALTER SYSTEM SET trace.poll_interval = '0';
 ALTER SYSTEM SET trace.max_retries = -1;
 ALTER SYSTEM SET trace.reconcile_interval = '-1s';
 ALTER SYSTEM SET trace.reconcile_interval = 'hourly';
+ALTER SYSTEM SET trace.breaker_threshold = 0;
+ALTER SYSTEM SET trace.max_requests_per_second = -1;
 ALTER SYSTEM SET trace.enabled_adapters = 'foo';
 ALTER SYSTEM SET trace.enabled_adapters = 'webhook,foo';
 ALTER SYSTEM SET trace.webhook_endpoint = 'file:///etc/passwd';

@@ -253,6 +253,12 @@ trace_define_gucs(void)
 	define_int("trace.reconcile_interval",
 			   gettext_noop("How often the worker sweeps for closed trades that no trigger queued (0: never)."),
 			   &trace_reconcile_interval_s, 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S);
+	define_int("trace.breaker_threshold",
+			   gettext_noop("Consecutive tracker-level failures that open a tracker's circuit breaker."),
+			   &trace_breaker_threshold, 5, 1, 1000, PGC_SIGHUP, 0);
+	define_int("trace.max_requests_per_second",
+			   gettext_noop("Most requests per second to each tracker, across all workers (0: no limit)."),
+			   &trace_max_requests_per_second, 0, 0, 1000000, PGC_SIGHUP, 0);
 	define_int("trace.http_timeout", gettext_noop("Whole-request timeout of a delivery."),
 			   &trace_http_timeout_ms, 10000, 100, 600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
 

@@ -442,6 +442,18 @@ trace_prometheus_metrics(PG_FUNCTION_ARGS)
 		appendStringInfo(&buf, "trust_trace_queue_pending{adapter=\"%s\"} " INT64_FORMAT "\n",
 						 trace_adapter_name(a), pending[a]);
 
+	family(&buf, "trust_trace_breaker_open", "gauge",
+		   "1 while the tracker's circuit breaker is open (or half open, probing), else 0.");
+	for (int a = 0; a < trace_num_adapters; a++)
+		appendStringInfo(&buf, "trust_trace_breaker_open{adapter=\"%s\"} %d\n",
+						 trace_adapter_name(a), trace_health_breaker_open(a) ? 1 : 0);
+
+	family(&buf, "trust_trace_throttled_total", "counter",
+		   "Times a worker held a tracker's due rows back for trace.max_requests_per_second, since server start.");
+	for (int a = 0; a < trace_num_adapters; a++)
+		appendStringInfo(&buf, "trust_trace_throttled_total{adapter=\"%s\"} " UINT64_FORMAT "\n",
+						 trace_adapter_name(a), trace_health_throttled(a));
+
 	family(&buf, "trust_trace_post_duration_seconds", "histogram",
 		   "Duration of delivery attempts, in seconds.");
 	for (int a = 0; a < trace_num_adapters; a++)

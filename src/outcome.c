@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include "common/pg_prng.h"
+#include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 
 #include "src/http.h"
@@ -122,8 +123,8 @@ trace_outcome_from_response(TraceOutcome *out, const TraceResponse *resp)
 }
 
 /* min(base * 6^(n-1), cap), then +/- up to 10 % jitter; in seconds. */
-static double
-backoff_seconds(int attempts)
+double
+trace_outcome_backoff(int attempts)
 {
 	double		base = trace_backoff_base_ms / 1000.0;
 	double		cap = trace_backoff_cap_s;
@@ -144,11 +145,81 @@ trace_outcome_next_status(const TraceItem *item, double *delay)
 	*delay = 0;
 	if (item->out.delivered)
 		return "delivered";
+	if (item->out.held)
+	{
+		/* the tracker is down: wait for it, the attempt not counted */
+		*delay = item->out.hold_s;
+		return "pending";
+	}
 	if (item->out.permanent || item->attempts > trace_max_retries)
 		return "abandoned";
 
-	*delay = backoff_seconds(item->attempts);
+	*delay = trace_outcome_backoff(item->attempts);
 	if (item->out.retry_after > 0)
 		*delay = Max(*delay, (double) Min(item->out.retry_after, MAX_RETRY_AFTER_S));
 	return "pending";
+}
+
+/* Failed attempts logged one by one, per tracker and record round. */
+#define LOG_LINES_PER_ROUND	5
+
+/*
+ * Log the failed attempts of a record round with their context: trade,
+ * tracker, attempt, what happened.  A tracker that is down must not flood
+ * the log: beyond LOG_LINES_PER_ROUND lines per tracker, and while its
+ * breaker is open, one summary line per tracker says how many, by reason,
+ * and which trades.
+ */
+void
+trace_outcome_log_failures(TraceItem **items, int n)
+{
+	for (int a = 0; a < trace_num_adapters; a++)
+	{
+		bool		open = trace_health_breaker_open(a);
+		int			logged = 0;
+		int			more = 0;
+		int64		first = 0;
+		int64		last = 0;
+		int			by_reason[TRACE_NUM_REASONS] = {0};
+		StringInfoData reasons;
+
+		for (int i = 0; i < n; i++)
+		{
+			TraceItem  *item = items[i];
+
+			if (item->adapter != a || item->out.delivered)
+				continue;
+			if (!open && logged < LOG_LINES_PER_ROUND)
+			{
+				ereport(LOG,
+						(errmsg("delivery of trade " INT64_FORMAT " to %s failed (attempt %d): %s",
+								item->trade_id, trace_adapter_name(a), item->attempts,
+								item->out.error)));
+				logged++;
+				continue;
+			}
+			if (more == 0 || item->trade_id < first)
+				first = item->trade_id;
+			if (more == 0 || item->trade_id > last)
+				last = item->trade_id;
+			by_reason[item->out.reason]++;
+			more++;
+		}
+		if (more == 0)
+			continue;
+		initStringInfo(&reasons);
+		for (int r = 0; r < TRACE_NUM_REASONS; r++)
+			if (by_reason[r] > 0)
+				appendStringInfo(&reasons, "%s%s: %d", reasons.len > 0 ? ", " : "",
+								 trace_reason_name(r), by_reason[r]);
+		if (open)
+			ereport(LOG,
+					(errmsg("%d failed deliveries to %s while its breaker is open (%s), trades " INT64_FORMAT " to " INT64_FORMAT,
+							more, trace_adapter_name(a), reasons.data, first, last)));
+		else
+			ereport(LOG,
+					(errmsg("%d more failed deliveries to %s not logged one by one (%s), trades " INT64_FORMAT " to " INT64_FORMAT,
+							more, trace_adapter_name(a), reasons.data, first, last)));
+		pfree(reasons.data);
+	}
 }

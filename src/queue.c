@@ -109,6 +109,19 @@ text_array(const char *const *values, const bool *nulls, int n)
 							  false, TYPALIGN_INT);
 }
 
+/* The names of the adapters marked in skip, as a text[]. */
+static ArrayType *
+skipped_names(const bool *skip)
+{
+	const char *names[TRACE_MAX_ADAPTERS];
+	int			n = 0;
+
+	for (int a = 0; a < trace_num_adapters; a++)
+		if (skip[a])
+			names[n++] = trace_adapter_name(a);
+	return text_array(names, NULL, n);
+}
+
 /* Is the extension installed in this database? */
 bool
 trace_extension_present(void)
@@ -214,6 +227,7 @@ prepare_claim_plans(void)
 {
 	Oid			claim_types[3] = {INT4OID, FLOAT8OID, TEXTARRAYOID};
 	Oid			cancel_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Oid			next_due_types[1] = {TEXTARRAYOID};
 
 	if (!queue_callback_registered)
 	{
@@ -232,8 +246,9 @@ prepare_claim_plans(void)
 						   CLAIM_SQL("q.by_operator") : CLAIM_SQL("false"),
 						   3, claim_types);
 	next_due_plan = keep_plan("SELECT min(due_at) FROM trace.trace_queue "
-							  " WHERE status IN ('pending', 'sending')",
-							  0, NULL);
+							  " WHERE status IN ('pending', 'sending') "
+							  "   AND adapter <> ALL ($1)",
+							  1, next_due_types);
 	cancel_plan = keep_plan("UPDATE trace.trace_queue q "
 							"   SET status = 'cancelled', attempts = q.attempts - 1, "
 							"       lease_owner = NULL, last_error = c.reason, "
@@ -302,19 +317,13 @@ int
 trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 				  TraceItem **items)
 {
-	const char *skipped[TRACE_MAX_ADAPTERS];
-	int			nskip = 0;
 	Datum		values[3];
 	int			n;
-
-	for (int a = 0; a < trace_num_adapters; a++)
-		if (skip[a])
-			skipped[nskip++] = trace_adapter_name(a);
 
 	prepare_claim_plans();
 	values[0] = Int32GetDatum(max_rows);
 	values[1] = Float8GetDatum(2.0 * trace_http_timeout_ms / 1000.0 + 5.0);
-	values[2] = PointerGetDatum(text_array(skipped, NULL, nskip));
+	values[2] = PointerGetDatum(skipped_names(skip));
 	if (SPI_execute_plan(claim_plan, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "could not claim due rows");
 	n = (int) SPI_processed;
@@ -325,16 +334,18 @@ trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 }
 
 /*
- * The earliest due_at of the rows left to send (DT_NOEND if none), in the
- * claim's transaction.
+ * The earliest due_at of the rows left to send (DT_NOEND if none), but
+ * for adapters marked in skip, in the claim's transaction.
  */
 TimestampTz
-trace_queue_next_due(void)
+trace_queue_next_due(const bool *skip)
 {
 	bool		isnull;
 	Datum		d;
+	Datum		values[1];
 
-	if (SPI_execute_plan(next_due_plan, NULL, NULL, true, 1) != SPI_OK_SELECT)
+	values[0] = PointerGetDatum(skipped_names(skip));
+	if (SPI_execute_plan(next_due_plan, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the next due time");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? DT_NOEND : DatumGetTimestampTz(d);
@@ -343,18 +354,20 @@ trace_queue_next_due(void)
 static void
 prepare_record_plan(void)
 {
-	Oid			types[6] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
-	INT4ARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID};
+	Oid			types[7] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+	INT4ARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, BOOLARRAYOID};
 
 	if (record_plan != NULL)
 		return;
 	record_plan = keep_plan(
 							"WITH r AS ("
-							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6) "
-							"         AS r(id, attempts, status, http, err, delay)), "
+							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7) "
+							"         AS r(id, attempts, status, http, err, delay, held)), "
 							"upd AS ("
 							"  UPDATE trace.trace_queue q "
 							"     SET status = r.status, "
+							"         attempts = CASE WHEN r.held THEN q.attempts - 1 "
+							"                         ELSE q.attempts END, "
 							"         due_at = CASE WHEN r.status = 'pending' "
 							"                       THEN now() + make_interval(secs => r.delay) "
 							"                       ELSE now() END, "
@@ -376,7 +389,7 @@ prepare_record_plan(void)
 							"           'adapter', u.adapter, 'attempts', u.attempts, "
 							"           'last_error', u.last_error)::text) "
 							"  FROM upd u WHERE u.status = 'abandoned'",
-							6, types);
+							7, types);
 }
 
 /* The abandoned rows of the record statement just run, copied into cxt. */
@@ -502,8 +515,9 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 	const char **errors = palloc(sizeof(char *) * n);
 	bool	   *error_null = palloc(sizeof(bool) * n);
 	Datum	   *delays = palloc(sizeof(Datum) * n);
+	Datum	   *held = palloc(sizeof(Datum) * n);
 	double		soonest = -1;
-	Datum		values[6];
+	Datum		values[7];
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
 	MemoryContext caller = CurrentMemoryContext;
@@ -517,6 +531,7 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 		attempts[i] = item->attempts;
 		status[i] = trace_outcome_next_status(item, &delay);
 		delays[i] = Float8GetDatum(delay);
+		held[i] = BoolGetDatum(item->out.held);
 		http[i] = Int32GetDatum(item->out.http_status);
 		http_null[i] = item->out.http_status == 0;
 		errors[i] = item->out.error;
@@ -534,6 +549,7 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 	/* PostgreSQL 15's construct_array_builtin() knows no float8 */
 	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, sizeof(float8),
 												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[6] = PointerGetDatum(construct_array_builtin(held, n, BOOLOID));
 	for (int tries = 1; !record_try(values, tries, caller, abandoned); tries++)
 	{
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -543,6 +559,27 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 	if (soonest < 0)
 		return DT_NOEND;
 	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) (soonest * 1000));
+}
+
+/* NOTIFY trace_alert with each payload of the list, in one transaction. */
+void
+trace_queue_notify(List *payloads)
+{
+	ListCell   *lc;
+	Oid			types[1] = {TEXTOID};
+
+	if (payloads == NIL)
+		return;
+	trace_queue_begin("trace_ext: notifying trace_alert");
+	foreach(lc, payloads)
+	{
+		Datum		values[1] = {CStringGetTextDatum((char *) lfirst(lc))};
+
+		if (SPI_execute_with_args("SELECT pg_catalog.pg_notify('trace_alert', $1)",
+								  1, types, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not notify trace_alert");
+	}
+	trace_queue_commit();
 }
 
 /*

@@ -3,9 +3,10 @@
  *
  * Each feature keeps its own shared state, in a struct of its own file:
  * wake.c the workers' slots (pid, latch, planned wake-up, reloads),
- * metrics.c the delivery counters.  This file only asks the postmaster for
- * the sum of their sizes and has each create its part at startup.  Adding
- * shared state is one line in `parts` below.
+ * metrics.c the delivery counters, health.c the trackers' breakers.  This
+ * file only asks the postmaster for the sum of their sizes and has each
+ * create its part at startup.  Adding shared state is one line in `parts`
+ * below.
  */
 #include "postgres.h"
 
@@ -25,6 +26,7 @@ typedef struct ShmemPart
 static const ShmemPart parts[] = {
 	{trace_wake_shmem_size, trace_wake_shmem_init},
 	{trace_metrics_shmem_size, trace_metrics_shmem_init},
+	{trace_health_shmem_size, trace_health_shmem_init},
 };
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;

@@ -7,6 +7,7 @@
  * (queueing closed trades), queue_check.c (the queue's CHECK rule),
  * queue.c (the worker's SQL), payload.c (building payloads, consent at
  * send time), outcome.c (what an attempt came to, and the retry rule),
+ * health.c (each tracker's breaker, pause and rate limit),
  * worker.c (the one loop that sequences a pass), metrics.c (the counters
  * and their SQL), secrets.c (secret values and the log filter).  The HTTP
  * transport has its own header, src/http.h; the trackers theirs,
@@ -64,6 +65,10 @@ typedef struct TraceOutcome
 	TraceReason reason;			/* when not delivered */
 	int			http_status;	/* 0 when no HTTP status was received */
 	int			retry_after;	/* seconds from Retry-After, or -1 */
+	bool		held;			/* a tracker-level failure while the tracker's
+								 * breaker is not closed: the attempt is not
+								 * counted */
+	double		hold_s;			/* held: when the tracker may be tried again */
 	double		seconds;		/* how long the attempt took */
 	char		error[TRACE_ERROR_LEN]; /* no PII, no secrets */
 } TraceOutcome;
@@ -80,6 +85,7 @@ typedef struct TraceItem
 	int			attempts;		/* including the one in progress */
 	TimestampTz created_at;
 	Oid			trade_table;
+	bool		probe;			/* the half-open breaker's probe (health.c) */
 	bool		by_operator;	/* queued by trace.enqueue() with explicit
 								 * adapters: the signal's list is not
 								 * consulted */
@@ -97,6 +103,24 @@ typedef struct TraceAbandoned
 	char	   *attempts;
 	char	   *error;
 } TraceAbandoned;
+
+/* What changed for a tracker's breaker (health.c). */
+typedef enum TraceHealthEvent
+{
+	TRACE_HEALTH_NONE = 0,
+	TRACE_HEALTH_OPENED,
+	TRACE_HEALTH_STILL_OPEN,	/* a probe failed */
+	TRACE_HEALTH_CLOSED
+} TraceHealthEvent;
+
+typedef struct TraceHealthNote
+{
+	TraceAdapterId adapter;
+	int			consecutive_failures;
+	TimestampTz next_probe_at;
+	TimestampTz open_since;
+	char		last_error[TRACE_ERROR_LEN];
+} TraceHealthNote;
 
 /* ---- trace_ext.c ---- */
 extern bool trace_preloaded;
@@ -154,7 +178,22 @@ extern int	trace_live_worker_pids(int *pids, int max);
 extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
 extern void trace_publish_wake_at(TimestampTz when);
+extern void trace_wake_all(void);
 extern void trace_note_reload(void);
+
+/* ---- health.c: breakers, pauses and rate limits of the trackers ---- */
+extern int	trace_breaker_threshold;
+extern int	trace_max_requests_per_second;
+extern Size trace_health_shmem_size(void);
+extern void trace_health_shmem_init(void);
+extern int	trace_health_allow(TraceAdapterId id, int want, bool *probe,
+							   TimestampTz *wait_until);
+extern void trace_health_unused(TraceAdapterId id, int unused, bool probe);
+extern TraceHealthEvent trace_health_report(TraceAdapterId id, TraceOutcome *out,
+											bool probe, TraceHealthNote *note);
+extern bool trace_health_breaker_open(TraceAdapterId id);
+extern uint64 trace_health_throttled(TraceAdapterId id);
+extern char *trace_health_announce(TraceHealthEvent event, const TraceHealthNote *note);
 
 /* ---- metrics.c: the delivery counters ---- */
 extern Size trace_metrics_shmem_size(void);
@@ -173,7 +212,8 @@ extern void trace_queue_commit(void);
 extern int	trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 							  TraceItem **items);
 extern void trace_queue_cancel(TraceItem *items, int n);
-extern TimestampTz trace_queue_next_due(void);
+extern TimestampTz trace_queue_next_due(const bool *skip);
+extern void trace_queue_notify(List *payloads);
 extern TimestampTz trace_queue_record(TraceItem **items, int n, List **abandoned);
 extern void trace_queue_release_orphans(void);
 extern int64 trace_queue_cleanup(TimestampTz *oldest);
@@ -193,6 +233,8 @@ extern void trace_outcome_delivered(TraceOutcome *out, int http_status);
 extern void trace_outcome_from_response(TraceOutcome *out,
 										const struct TraceResponse *resp);
 extern const char *trace_outcome_next_status(const TraceItem *item, double *delay);
+extern double trace_outcome_backoff(int attempts);
+extern void trace_outcome_log_failures(TraceItem **items, int n);
 
 /* ---- worker.c ---- */
 extern void trace_register_workers(void);

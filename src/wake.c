@@ -319,6 +319,13 @@ trace_publish_wake_at(TimestampTz when)
 		(void) pg_atomic_exchange_u64(&slots->wake_at[my_slot], (uint64) when);
 }
 
+/* Wake every worker now (a tracker's breaker closed: its backlog may go). */
+void
+trace_wake_all(void)
+{
+	wake_workers(DT_NOBEGIN);
+}
+
 /*
  * Wake the workers that would otherwise sleep past `due` (DT_NOBEGIN: all
  * of them).  Reading a latch pointer without the spinlock is safe: it

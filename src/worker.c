@@ -74,6 +74,7 @@ typedef struct PassState
 	int			inflight[TRACE_MAX_ADAPTERS];
 	int			inflight_total;
 	int			claimed;		/* rows claimed by the pass */
+	List	   *notify;			/* NOTIFY trace_alert payloads to send */
 } PassState;
 
 static MemoryContext worker_cxt = NULL;
@@ -164,6 +165,32 @@ push_done(PassState *pass, TraceItem *item)
 	pass->done[pass->ndone++] = item;
 }
 
+/*
+ * The tracker's health learns from the attempt (health.c); a breaker that
+ * opened or closed is announced (WARNING now, NOTIFY with the record).
+ */
+static void
+note_health(PassState *pass, TraceItem *item)
+{
+	TraceHealthNote note;
+	TraceHealthEvent event = trace_health_report(item->adapter, &item->out,
+												 item->probe, &note);
+	char	   *notify;
+
+	if (event == TRACE_HEALTH_NONE)
+		return;
+	notify = trace_health_announce(event, &note);
+	if (notify != NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(worker_cxt);
+
+		pass->notify = lappend(pass->notify, notify);
+		MemoryContextSwitchTo(old);
+	}
+	if (event == TRACE_HEALTH_CLOSED)
+		trace_wake_all();		/* the backlog may go, from every worker */
+}
+
 /* Prepare: hand claimed items to their adapters, then send or finish. */
 static void
 dispatch(PassState *pass, TraceItem *items, int n)
@@ -181,6 +208,7 @@ dispatch(PassState *pass, TraceItem *items, int n)
 		}
 		if (item->out.done)		/* failed while building the payload */
 		{
+			note_health(pass, item);
 			push_done(pass, item);
 			continue;
 		}
@@ -190,6 +218,7 @@ dispatch(PassState *pass, TraceItem *items, int n)
 		CurrentResourceOwner = NULL;
 		if (prep == TRACE_PREP_DONE)
 		{
+			note_health(pass, item);
 			push_done(pass, item);
 			continue;
 		}
@@ -218,55 +247,143 @@ collect_responses(PassState *pass)
 		trace_outcome_from_response(&item->out, &resp);
 		if (!item->out.delivered && resp.body[0] != '\0' && adapter->explain)
 			adapter->explain(item, resp.body);
+		note_health(pass, item);
 		push_done(pass, item);
 	}
 }
 
 /*
- * Claim: up to `slots` due rows in one short transaction, with their
- * payloads built from the trades as they are now and the rows that may
- * not be sent any more cancelled; then hand them to their adapters.
- * False when fewer were due (*next_due: when the next is).  *capped says
- * whether an adapter was left out for having its share of the slots.
+ * What a claim may take of each tracker: as many rows as the slots allow,
+ * or fewer (its rate limit, its breaker's probe), or none (its share of the
+ * slots in use, its breaker open, a Retry-After pause).
+ */
+typedef struct ClaimPlan
+{
+	int			allow[TRACE_MAX_ADAPTERS];	/* rows; slots: no limit of its own */
+	bool		probe[TRACE_MAX_ADAPTERS];
+	bool		blocked[TRACE_MAX_ADAPTERS];	/* rows not due for us before
+												 * wait_until */
+	TimestampTz wait_until;		/* earliest time a blocked tracker opens */
+	bool		capped;			/* a tracker left out for its share */
+} ClaimPlan;
+
+static void
+plan_claim(PassState *pass, int slots, ClaimPlan *plan)
+{
+	int			enabled = 0;
+	int			cap = Max(1, (trace_batch_size * 3) / 4);
+
+	memset(plan, 0, sizeof(*plan));
+	plan->wait_until = DT_NOEND;
+	for (int a = 0; a < trace_num_adapters; a++)
+		enabled += trace_adapter_enabled(a) ? 1 : 0;
+	for (int a = 0; a < trace_num_adapters; a++)
+	{
+		TimestampTz until;
+
+		/*
+		 * With several trackers, none may take every slot: a hanging
+		 * tracker must not hold up the others' deliveries.
+		 */
+		if (enabled > 1 && pass->inflight[a] >= cap)
+		{
+			plan->capped = true;
+			continue;
+		}
+		plan->allow[a] = trace_health_allow(a, slots, &plan->probe[a], &until);
+		if (until != DT_NOEND)
+		{
+			plan->blocked[a] = true;
+			plan->wait_until = Min(plan->wait_until, until);
+		}
+	}
+}
+
+/*
+ * Claim the rows the plan allows, in the claim transaction: one statement
+ * for the trackers without a limit of their own, one per tracker with one.
+ * Returns the rows claimed (*items, allocated in cxt); *full says whether
+ * the unlimited trackers had as many due rows as the slots.
+ */
+static int
+claim_planned(ClaimPlan *plan, int slots, MemoryContext cxt, TraceItem **items,
+			  bool *full)
+{
+	bool		skip[TRACE_MAX_ADAPTERS];
+	TraceItem  *all = NULL;
+	int			n = 0;
+
+	*full = false;
+	/* the trackers with no limit of their own, together */
+	for (int a = 0; a < trace_num_adapters; a++)
+		skip[a] = plan->allow[a] < slots || plan->probe[a];
+	for (int a = 0; a < trace_num_adapters; a++)
+		if (!skip[a])
+		{
+			n = trace_queue_claim(slots, skip, cxt, &all);
+			*full = (n == slots);
+			break;
+		}
+	/* then each limited one (rate limit, probe) on its own */
+	for (int a = 0; a < trace_num_adapters && n < slots; a++)
+	{
+		TraceItem  *more;
+		int			want = Min(plan->allow[a], slots - n);
+		int			got;
+
+		if (!(plan->allow[a] < slots || plan->probe[a]) || plan->allow[a] == 0)
+			continue;
+		for (int b = 0; b < trace_num_adapters; b++)
+			skip[b] = (b != a);
+		got = want > 0 ? trace_queue_claim(want, skip, cxt, &more) : 0;
+		trace_health_unused(a, plan->allow[a] - got, plan->probe[a]);
+		if (got == 0)
+			continue;
+		if (plan->probe[a])
+			more[0].probe = true;
+		all = all ? repalloc(all, sizeof(TraceItem) * (n + got))
+			: MemoryContextAlloc(cxt, sizeof(TraceItem) * got);
+		memcpy(all + n, more, sizeof(TraceItem) * got);
+		n += got;
+	}
+	*items = all;
+	return n;
+}
+
+/*
+ * Claim: up to `slots` due rows in one short transaction, as the trackers'
+ * health allows, with their payloads built from the trades as they are now
+ * and the rows that may not be sent any more cancelled; then hand them to
+ * their adapters.  False when fewer were due (*next_due: when the next is,
+ * or a held-back tracker may go).  *capped says whether an adapter was left
+ * out for having its share of the slots.
  */
 static bool
 claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 {
-	bool		skip[TRACE_MAX_ADAPTERS] = {false};
-	int			enabled = 0;
-	int			cap = Max(1, (trace_batch_size * 3) / 4);
+	ClaimPlan	plan;
 	TraceBatch *batch;
 	MemoryContext cxt;
 	TraceItem  *items;
+	bool		full;
 	int			n;
 
-	/*
-	 * With several trackers, none may take every slot: a hanging tracker
-	 * must not hold up the others' deliveries.
-	 */
-	for (int a = 0; a < trace_num_adapters; a++)
-		enabled += trace_adapter_enabled(a) ? 1 : 0;
-	*capped = false;
-	if (enabled > 1)
-		for (int a = 0; a < trace_num_adapters; a++)
-		{
-			skip[a] = pass->inflight[a] >= cap;
-			*capped |= skip[a];
-		}
+	plan_claim(pass, slots, &plan);
+	*capped = plan.capped;
 
 	cxt = AllocSetContextCreate(worker_cxt, "trace_ext batch", ALLOCSET_DEFAULT_SIZES);
 	batch = MemoryContextAlloc(cxt, sizeof(TraceBatch));
 	batch->cxt = cxt;
 
 	trace_queue_begin("trace_ext: claiming due rows");
-	n = trace_queue_claim(slots, skip, cxt, &items);
+	n = claim_planned(&plan, slots, cxt, &items, &full);
 	if (n > 0)
 	{
 		/* payloads must outlive the transaction: built in the batch's context */
 		trace_payload_build(items, n, cxt);
 		trace_queue_cancel(items, n);
 	}
-	*next_due = (n < slots) ? trace_queue_next_due() : 0;
+	*next_due = full ? 0 : Min(trace_queue_next_due(plan.blocked), plan.wait_until);
 	trace_queue_commit();
 	pass->claimed += n;
 
@@ -282,7 +399,7 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 		dispatch(pass, items, n);
 		MemoryContextSwitchTo(old);
 	}
-	return n == slots;
+	return full;
 }
 
 /* Warn of the rows abandoned, once their recording has committed. */
@@ -319,7 +436,10 @@ record_done(PassState *pass)
 	for (int i = 0; i < pass->ndone; i++)
 		trace_metrics_count(pass->done[i]);
 	retry_at = trace_queue_record(pass->done, pass->ndone, &abandoned);
+	trace_outcome_log_failures(pass->done, pass->ndone);
 	warn_abandoned(abandoned);
+	trace_queue_notify(pass->notify);
+	pass->notify = NIL;
 	for (int i = 0; i < pass->ndone; i++)
 		batch_release(pass->done[i]);
 	pass->ndone = 0;
