@@ -549,7 +549,8 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 	/* PostgreSQL 15's construct_array_builtin() knows no float8 */
 	values[5] = PointerGetDatum(construct_array(delays, n, FLOAT8OID, sizeof(float8),
 												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	values[6] = PointerGetDatum(construct_array_builtin(held, n, BOOLOID));
+	values[6] = PointerGetDatum(construct_array(held, n, BOOLOID, sizeof(bool), true,
+												TYPALIGN_CHAR));
 	for (int tries = 1; !record_try(values, tries, caller, abandoned); tries++)
 	{
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
