@@ -21,7 +21,10 @@ assertion is on what the queue, the sink, the view and the log say.
   workers = 10) + the probes the schedule allows in the outage (probe k
   waits min(base*6^(k-1), cap) after the breaker (re)opened: 0.1, 0.6, 1,
   1, ... s; counted with 0.9x those delays, in case they carry the retry
-  rule's jitter, plus one); the view went open and half_open and back to
+  rule's jitter, plus one), counted as failed attempts by
+  trace._fail_counters() (a refused connection never reaches the sink; the
+  503s are counted at the sink too, and must agree); the view went open
+  and half_open and back to
   closed; one WARNING and NOTIFY trace_alert breaker_open, one
   breaker_closed; afterwards every (trade, tracker) got exactly one 2xx,
   every request under its own Idempotency-Key; webhook stayed closed and
