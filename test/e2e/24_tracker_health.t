@@ -24,9 +24,8 @@ assertion is on what the queue, the sink, the view and the log say.
   rule's jitter, plus one), counted as failed attempts by
   trace._fail_counters() (a refused connection never reaches the sink; the
   503s are counted at the sink too, and must agree); the view went open
-  and half_open and back to
-  closed; one WARNING and NOTIFY trace_alert breaker_open, one
-  breaker_closed; afterwards every (trade, tracker) got exactly one 2xx,
+  and half_open and back to closed; one WARNING and NOTIFY trace_alert
+  breaker_open, one breaker_closed; afterwards every (trade, tracker) got exactly one 2xx,
   every request under its own Idempotency-Key; webhook stayed closed and
   delivered every row on its first attempt within 2 s of the close.
   The LOG lines about its failed attempts during the outage are at most
