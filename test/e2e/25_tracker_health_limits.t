@@ -18,7 +18,10 @@ opens again), so any abandoned row would be the breaker's fault.
   1-second window, so no 1-second window of request arrival times at the
   sink (sliding, starting at each request) holds more than 110; all 1,000
   arrive, each exactly once; both workers claimed rows; and
-  trust_trace_throttled_total{adapter="webhook"} grew.
+  trust_trace_throttled_total{adapter="webhook"} grew, myfxbook's (no due
+  row to hold back) did not.  Then, idle with the limit still on, the
+  workers run no statement for 2 s (query_start unchanged) and no
+  throttled counter grows.
 - kill -9 of a worker while the webhook breaker is open (the tracker
   answering 503): PostgreSQL restarts every process and re-creates shared
   memory, so the breaker is rebuilt, not kept (the spec's choice: shared
@@ -253,6 +256,24 @@ try:
              "trust_trace_throttled_total{adapter=\"webhook\"} grew: %r -> %r" % (th0, th1))
         t.is_(throttled("myfxbook"), 0.0, "... and stayed 0 for myfxbook, which had no due "
               "row to hold back (the counter counts claims cut short, not plans)")
+
+        # Idle with the limit still on: nothing is due, so there is nothing
+        # to claim or hold back, and the workers run no statement between
+        # passes (README, How it works), as 12_burst_and_wakes.t checks
+        # without a limit.
+        time.sleep(1.0)
+        q0 = dict(env.sql("SELECT pid, query_start FROM pg_stat_activity "
+                          "WHERE backend_type = 'trace_ext worker'"))
+        th_idle = [throttled(a) for a in ("myfxbook", "webhook", "file")]
+        time.sleep(2.0)         # 20 x trace.poll_interval (100ms): the window observed
+        q1 = dict(env.sql("SELECT pid, query_start FROM pg_stat_activity "
+                          "WHERE backend_type = 'trace_ext worker'"))
+        t.ok(len(q0) == WORKERS and q0 == q1,
+             "idle with the rate limit on, the workers run no statement (query_start "
+             "unchanged over 2 s)", "before %r\nafter  %r" % (q0, q1))
+        th_after = [throttled(a) for a in ("myfxbook", "webhook", "file")]
+        t.is_(th_after, th_idle, "... and trust_trace_throttled_total (myfxbook, webhook, "
+              "file) does not grow while nothing is due")
         env.set_gucs({"trace.max_requests_per_second": 0})
         env.sql("DELETE FROM trades WHERE trade_id BETWEEN %s AND %s", (LO, HI))
 
