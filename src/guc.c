@@ -254,8 +254,8 @@ trace_define_gucs(void)
 			   gettext_noop("How often the worker sweeps for closed trades that no trigger queued (0: never)."),
 			   &trace_reconcile_interval_s, 3600, 0, INT_MAX, PGC_SIGHUP, GUC_UNIT_S);
 	define_int("trace.breaker_threshold",
-			   gettext_noop("Consecutive tracker-level failures that open a tracker's circuit breaker."),
-			   &trace_breaker_threshold, 5, 1, 1000, PGC_SIGHUP, 0);
+			   gettext_noop("Consecutive tracker-level failures that open a tracker's circuit breaker (0: never)."),
+			   &trace_breaker_threshold, 5, 0, 1000000, PGC_SIGHUP, 0);
 	define_int("trace.max_requests_per_second",
 			   gettext_noop("Most requests per second to each tracker, across all workers (0: no limit)."),
 			   &trace_max_requests_per_second, 0, 0, 1000000, PGC_SIGHUP, 0);

@@ -121,6 +121,16 @@ refill(TrackerHealth *h, TimestampTz now)
 	h->refilled_at = now;
 }
 
+/* When the bucket will hold a whole token again. */
+static TimestampTz
+next_token(TrackerHealth *h, TimestampTz now)
+{
+	double		missing = 1.0 - (h->tokens - floor(h->tokens));
+
+	return TimestampTzPlusMilliseconds(now,
+									   (int64) ceil(missing * 1000.0 / trace_max_requests_per_second));
+}
+
 /* The lease of a probe: like a claimed row's (see queue.c). */
 static TimestampTz
 probe_deadline(TimestampTz now)
@@ -175,30 +185,39 @@ trace_health_allow(TraceAdapterId id, int want, bool *probe, TimestampTz *wait_u
 		refill(h, now);
 		allowed = Min(want, (int) h->tokens);
 		h->tokens -= allowed;
-		if (allowed < want)
-		{
-			pg_atomic_fetch_add_u64(&h->throttled, 1);
-			*wait_until = TimestampTzPlusMilliseconds(now,
-													  (int64) ceil((1.0 - (h->tokens - (int) h->tokens)) * 1000.0 /
-																   trace_max_requests_per_second));
-		}
+		if (allowed == 0)
+			*wait_until = next_token(h, now);
 	}
 	SpinLockRelease(&h->mutex);
 	return allowed;
 }
 
 /*
- * The claim found fewer rows than allowed: give the unused tokens back, or
- * the probe (the breaker stays open, its probe due: the next due row of the
- * tracker is the probe).
+ * A claim of the tracker's rows took `got` of the `allowed` (of `want`).
+ * Fewer: give the unused tokens back, or the probe (the breaker stays
+ * open, its probe due: the next due row of the tracker is the probe).  All
+ * of them, fewer than wanted: the rate limit may have held rows back
+ * (throttled); returns when the next token comes, for the worker to look
+ * again then (DT_NOEND otherwise: an idle tracker wakes nobody).
  */
-void
-trace_health_unused(TraceAdapterId id, int unused, bool probe)
+TimestampTz
+trace_health_claimed(TraceAdapterId id, int want, int allowed, int got, bool probe)
 {
 	TrackerHealth *h = &health[id];
+	TimestampTz again = DT_NOEND;
 
-	if (health == NULL || unused <= 0)
-		return;
+	if (health == NULL)
+		return again;
+	if (!probe && got == allowed && got > 0 && allowed < want)
+	{
+		pg_atomic_fetch_add_u64(&h->throttled, 1);
+		SpinLockAcquire(&h->mutex);
+		again = next_token(h, GetCurrentTimestamp());
+		SpinLockRelease(&h->mutex);
+		return again;
+	}
+	if (got >= allowed)
+		return again;
 	SpinLockAcquire(&h->mutex);
 	if (probe)
 	{
@@ -206,8 +225,9 @@ trace_health_unused(TraceAdapterId id, int unused, bool probe)
 			h->state = BREAKER_OPEN;
 	}
 	else if (trace_max_requests_per_second > 0)
-		h->tokens = Min(burst(), h->tokens + unused);
+		h->tokens = Min(burst(), h->tokens + (allowed - got));
 	SpinLockRelease(&h->mutex);
+	return again;
 }
 
 /* No connection, TLS, timeout, 5xx, 429: the tracker, not the row. */
@@ -265,7 +285,7 @@ trace_health_report(TraceAdapterId id, TraceOutcome *out, bool probe, TraceHealt
 														   (int64) (trace_outcome_backoff(h->failed_probes + 1) * 1000));
 			event = TRACE_HEALTH_STILL_OPEN;
 		}
-		else if (h->state == BREAKER_CLOSED &&
+		else if (h->state == BREAKER_CLOSED && trace_breaker_threshold > 0 &&
 				 h->consecutive_failures >= trace_breaker_threshold)
 		{
 			h->state = BREAKER_OPEN;

@@ -188,7 +188,8 @@ extern Size trace_health_shmem_size(void);
 extern void trace_health_shmem_init(void);
 extern int	trace_health_allow(TraceAdapterId id, int want, bool *probe,
 							   TimestampTz *wait_until);
-extern void trace_health_unused(TraceAdapterId id, int unused, bool probe);
+extern TimestampTz trace_health_claimed(TraceAdapterId id, int want, int allowed,
+										int got, bool probe);
 extern TraceHealthEvent trace_health_report(TraceAdapterId id, TraceOutcome *out,
 											bool probe, TraceHealthNote *note);
 extern bool trace_health_breaker_open(TraceAdapterId id);

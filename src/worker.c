@@ -330,13 +330,19 @@ claim_planned(ClaimPlan *plan, int slots, MemoryContext cxt, TraceItem **items,
 		TraceItem  *more;
 		int			want = Min(plan->allow[a], slots - n);
 		int			got;
+		TimestampTz again;
 
 		if (!(plan->allow[a] < slots || plan->probe[a]) || plan->allow[a] == 0)
 			continue;
 		for (int b = 0; b < trace_num_adapters; b++)
 			skip[b] = (b != a);
 		got = want > 0 ? trace_queue_claim(want, skip, cxt, &more) : 0;
-		trace_health_unused(a, plan->allow[a] - got, plan->probe[a]);
+		again = trace_health_claimed(a, slots, plan->allow[a], got, plan->probe[a]);
+		if (again != DT_NOEND)
+		{
+			plan->blocked[a] = true;
+			plan->wait_until = Min(plan->wait_until, again);
+		}
 		if (got == 0)
 			continue;
 		if (plan->probe[a])

@@ -29,8 +29,8 @@ BASE = 0.2          # trace.retry_backoff_base, seconds
 CAP = 3600.0        # trace.retry_backoff_cap (default), seconds
 
 t = Tap()
-# Per-row failure rules: the trackers' breakers (tests 24, 25) stay out of the way.
-env = TraceEnv.start_or_exit(t, gucs={"trace.breaker_threshold": 1000, "trace.max_retries": 2}, name="trace_e2e_retries")
+# Per-row failure rules: the trackers' breakers (tests 24, 25) are off.
+env = TraceEnv.start_or_exit(t, gucs={"trace.breaker_threshold": 0, "trace.max_retries": 2}, name="trace_e2e_retries")
 log = OutcomeLog(env).install()
 
 

@@ -24,8 +24,8 @@ t = Tap()
 # synchronous_commit on: with it off, a close committed a few ms before
 # the kill -9 may be lost by PostgreSQL itself (no WAL flush yet), which
 # is not what the crash test is about.
-# Per-row failure rules: the trackers' breakers (tests 24, 25) stay out of the way.
-env = TraceEnv.start_or_exit(t, gucs={"trace.breaker_threshold": 1000, "trace.max_retries": 5, "trace.http_timeout": "3000ms",
+# Per-row failure rules: the trackers' breakers (tests 24, 25) are off.
+env = TraceEnv.start_or_exit(t, gucs={"trace.breaker_threshold": 0, "trace.max_retries": 5, "trace.http_timeout": "3000ms",
                                       "synchronous_commit": "on"},
                              name="trace_e2e_failures")
 

@@ -25,7 +25,9 @@ from tap import Tap, wait_until  # noqa: E402
 from trace_e2e import TraceEnv  # noqa: E402
 
 t = Tap()
+# Every row is tried at a failing tracker: its breaker (tests 24, 25) is off.
 env = TraceEnv.start_or_exit(t, gucs={"trace.max_retries": 100,
+                                      "trace.breaker_threshold": 0,
                                       "trace.retry_backoff_base": "200ms",
                                       "trace.retry_backoff_cap": "1s"},
                              name="trace_e2e_upgrade_old")
