@@ -1,4 +1,4 @@
-/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library; tracker health */
+/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library; tracker health; trace.cancel() */
 
 \echo Use "ALTER EXTENSION trace_ext UPDATE TO '1.4'" to load this file. \quit
 
@@ -61,3 +61,35 @@ COMMENT ON VIEW trace.tracker_health IS
 
 GRANT EXECUTE ON FUNCTION trace._adapters(), trace._tracker_health() TO pg_monitor;
 GRANT SELECT ON trace.tracker_health TO pg_monitor;
+
+/* ------------------------------------------------------------------------
+ * Row-level control: cancel one row; trace.failures shows each row's age.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace.cancel(id bigint) RETURNS boolean
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- A row in flight (sending) is cancelled too: the worker's record
+    -- then finds no lease of its own and leaves it cancelled.
+    UPDATE trace.trace_queue q
+       SET status = 'cancelled', last_error = 'cancelled by an operator',
+           lease_owner = NULL, due_at = pg_catalog.now()
+     WHERE q.id = cancel.id AND q.status IN ('pending', 'sending', 'abandoned');
+    RETURN FOUND;
+END
+$$;
+
+REVOKE ALL ON FUNCTION trace.cancel(bigint) FROM PUBLIC;
+
+COMMENT ON FUNCTION trace.cancel(bigint) IS
+    'cancel one queue row that is pending, sending or abandoned: it is not sent (again); false if there is no such row';
+
+-- trace.failures: the age of each row (created_at), at the end.
+CREATE OR REPLACE VIEW trace.failures AS
+SELECT q.id, q.trade_id, q.adapter, q.status, q.attempts,
+       q.last_error, q.last_http_status, q.due_at, q.created_at
+  FROM trace.trace_queue q
+ WHERE (q.last_error IS NOT NULL AND (q.status <> 'cancelled' OR q.attempts > 0))
+    OR q.status = 'abandoned';

@@ -341,6 +341,27 @@ $$;
 COMMENT ON FUNCTION trace.retry(bigint) IS
     'put an abandoned row back to pending, due now';
 
+CREATE FUNCTION trace.cancel(id bigint) RETURNS boolean
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- A row in flight (sending) is cancelled too: the worker's record
+    -- then finds no lease of its own and leaves it cancelled.
+    UPDATE trace.trace_queue q
+       SET status = 'cancelled', last_error = 'cancelled by an operator',
+           lease_owner = NULL, due_at = pg_catalog.now()
+     WHERE q.id = cancel.id AND q.status IN ('pending', 'sending', 'abandoned');
+    RETURN FOUND;
+END
+$$;
+
+REVOKE ALL ON FUNCTION trace.cancel(bigint) FROM PUBLIC;
+
+COMMENT ON FUNCTION trace.cancel(bigint) IS
+    'cancel one queue row that is pending, sending or abandoned: it is not sent (again); false if there is no such row';
+
 CREATE FUNCTION trace.retry_abandoned(adapter text DEFAULT NULL) RETURNS bigint
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -651,7 +672,7 @@ COMMENT ON VIEW trace.queue_summary IS
 -- had failed before it was cancelled.
 CREATE VIEW trace.failures AS
 SELECT q.id, q.trade_id, q.adapter, q.status, q.attempts,
-       q.last_error, q.last_http_status, q.due_at
+       q.last_error, q.last_http_status, q.due_at, q.created_at
   FROM trace.trace_queue q
  WHERE (q.last_error IS NOT NULL AND (q.status <> 'cancelled' OR q.attempts > 0))
     OR q.status = 'abandoned';

@@ -23,6 +23,7 @@ SELECT coalesce(i.name, s.name) AS name,
                ('trace.retry_backoff_base'), ('trace.retry_backoff_cap'),
                ('trace.ttl'), ('trace.reconcile_interval'), ('trace.http_timeout'),
                ('trace.breaker_threshold'), ('trace.max_requests_per_second'),
+               ('trace.paused'),
                ('trace.enabled_adapters'),
                ('trace.payload_columns'), ('trace.myfxbook_webhook_url'),
                ('trace.myfxbook_webhook_token'), ('trace.webhook_endpoint'),
@@ -105,6 +106,7 @@ ALTER SYSTEM SET trace.reconcile_interval = '-1s';
 ALTER SYSTEM SET trace.reconcile_interval = 'hourly';
 ALTER SYSTEM SET trace.breaker_threshold = -1;
 ALTER SYSTEM SET trace.max_requests_per_second = -1;
+ALTER SYSTEM SET trace.paused = 'sometimes';
 ALTER SYSTEM SET trace.enabled_adapters = 'foo';
 ALTER SYSTEM SET trace.enabled_adapters = 'webhook,foo';
 ALTER SYSTEM SET trace.webhook_endpoint = 'file:///etc/passwd';

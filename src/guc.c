@@ -30,6 +30,7 @@ int			trace_backoff_cap_s = 3600;
 int			trace_ttl_s = 7 * 24 * 3600;
 int			trace_reconcile_interval_s = 3600;
 int			trace_http_timeout_ms = 10000;
+bool		trace_paused = false;
 char	   *trace_enabled_adapters = NULL;
 char	   *trace_payload_columns = NULL;
 char	   *trace_secrets_file = NULL;
@@ -261,6 +262,10 @@ trace_define_gucs(void)
 			   &trace_max_requests_per_second, 0, 0, 1000000, PGC_SIGHUP, 0);
 	define_int("trace.http_timeout", gettext_noop("Whole-request timeout of a delivery."),
 			   &trace_http_timeout_ms, 10000, 100, 600 * 1000, PGC_SIGHUP, GUC_UNIT_MS);
+
+	DefineCustomBoolVariable("trace.paused",
+							 gettext_noop("Workers send nothing new while on: requests in flight finish and are recorded; rows wait."),
+							 NULL, &trace_paused, false, PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	define_string("trace.enabled_adapters", gettext_noop("Adapters that trades are queued for (comma list)."),
 				  &trace_enabled_adapters, "", PGC_SIGHUP, GUC_LIST_INPUT,

@@ -442,6 +442,10 @@ trace_prometheus_metrics(PG_FUNCTION_ARGS)
 		appendStringInfo(&buf, "trust_trace_queue_pending{adapter=\"%s\"} " INT64_FORMAT "\n",
 						 trace_adapter_name(a), pending[a]);
 
+	family(&buf, "trust_trace_paused", "gauge",
+		   "1 while trace.paused is on: the workers send nothing new.");
+	appendStringInfo(&buf, "trust_trace_paused %d\n", trace_paused ? 1 : 0);
+
 	family(&buf, "trust_trace_breaker_open", "gauge",
 		   "1 while the tracker's circuit breaker is open (or half open, probing), else 0.");
 	for (int a = 0; a < trace_num_adapters; a++)

@@ -137,6 +137,7 @@ extern int	trace_backoff_cap_s;
 extern int	trace_ttl_s;
 extern int	trace_reconcile_interval_s;
 extern int	trace_http_timeout_ms;
+extern bool trace_paused;
 extern char *trace_enabled_adapters;
 extern char *trace_payload_columns;
 extern char *trace_secrets_file;

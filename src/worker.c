@@ -508,6 +508,16 @@ run_pass(int *claimed)
 			GetCurrentTimestamp() >= claim_due)
 			may_have_due = true;
 
+		/*
+		 * trace.paused: claim nothing; what is in flight finishes and is
+		 * recorded.  A reload that turns it off sets the latch.
+		 */
+		if (trace_paused)
+		{
+			may_have_due = false;
+			claim_due = DT_NOEND;
+		}
+
 		slots = trace_batch_size - pass.inflight_total;
 		if (may_have_due && slots > 0 &&
 			(pass.inflight_total == 0 || slots >= Max(1, trace_batch_size / 2)))
@@ -538,6 +548,8 @@ run_pass(int *claimed)
 	if (pass.done)
 		pfree(pass.done);
 	*claimed = pass.claimed;
+	if (trace_paused)
+		return DT_NOEND;		/* until a reload, or trace.poll_interval */
 	return Min(next_due, claim_due);
 }
 

@@ -1,11 +1,11 @@
 -- The operator functions: trace.enqueue, trace.retry, trace.retry_abandoned,
--- trace.cleanup, as an operator relies on them.
+-- trace.cancel, trace.cleanup, as an operator relies on them.
 --
 -- Needs trace.enabled_adapters = 'myfxbook,webhook' and the default
 -- trace.ttl (7d) (test/run.sh).  Rolled back at the end.
 
 BEGIN;
-SELECT plan(21);
+SELECT plan(29);
 
 SELECT is(current_setting('trace.enabled_adapters'), 'myfxbook,webhook',
           'precondition: myfxbook and webhook are enabled, file is not');
@@ -78,6 +78,43 @@ SELECT is(trace.retry_abandoned(), 2::bigint,
           'trace.retry_abandoned() re-arms every abandoned row and returns how many');
 SELECT is_empty($$SELECT 1 FROM trace.trace_queue WHERE status = 'abandoned'$$,
                 'after trace.retry_abandoned() no row is abandoned');
+
+-- cancel
+CREATE TEMP TABLE before_cancel AS SELECT * FROM trace.trace_queue;
+SELECT is(trace.cancel(-1), false, 'trace.cancel of a row that does not exist returns false');
+UPDATE trace.trace_queue SET status = 'delivered', delivered_at = now()
+ WHERE trade_id = 6 AND adapter = 'file';
+SELECT is(trace.cancel((SELECT id FROM trace.trace_queue
+                         WHERE trade_id = 6 AND adapter = 'file')), false,
+          'trace.cancel of a delivered row returns false ...');
+SELECT is((SELECT status FROM trace.trace_queue WHERE trade_id = 6 AND adapter = 'file'),
+          'delivered', '... and leaves it delivered');
+UPDATE trace.trace_queue SET status = 'sending', attempts = 2, lease_owner = 4242,
+                             last_error = 'HTTP 503'
+ WHERE trade_id = 3 AND adapter = 'myfxbook';
+SELECT is(trace.cancel((SELECT id FROM trace.trace_queue
+                         WHERE trade_id = 3 AND adapter = 'myfxbook')), true,
+          'trace.cancel of a row in flight returns true');
+SELECT ok((SELECT status = 'cancelled' AND lease_owner IS NULL
+                  AND last_error = 'cancelled by an operator' AND attempts = 2
+             FROM trace.trace_queue WHERE trade_id = 3 AND adapter = 'myfxbook'),
+          'a cancelled row: cancelled, no lease, says who cancelled it, attempts kept');
+SELECT is(trace.cancel((SELECT id FROM trace.trace_queue
+                         WHERE trade_id = 3 AND adapter = 'myfxbook')), false,
+          'trace.cancel of a row already cancelled returns false');
+SELECT ok((SELECT f.created_at = q.created_at FROM trace.failures f
+             JOIN trace.trace_queue q USING (id)
+            WHERE q.trade_id = 3 AND q.adapter = 'myfxbook'),
+          'trace.failures shows a row cancelled after failed attempts, with its created_at');
+CREATE ROLE pgtap_trace_watcher IN ROLE pg_monitor;
+SET LOCAL ROLE pgtap_trace_watcher;
+SELECT throws_ok('SELECT trace.cancel(1)', '42501',
+                 'permission denied for function cancel',
+                 'trace.cancel is for superusers and whom they grant, not pg_monitor');
+RESET ROLE;
+UPDATE trace.trace_queue q SET status = b.status, attempts = b.attempts,
+       lease_owner = b.lease_owner, last_error = b.last_error, delivered_at = b.delivered_at
+  FROM before_cancel b WHERE b.id = q.id;
 
 -- cleanup
 UPDATE trace.trace_queue SET created_at = now() - interval '8 days', status = 'delivered'
