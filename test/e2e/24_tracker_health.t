@@ -41,9 +41,10 @@ assertion is on what the queue, the sink, the view and the log say.
   the others delivered on the first attempt within 2 s; a LOG line per
   failed attempt "delivery of trade N to webhook failed (attempt K): HTTP
   500"; the abandoned row's NOTIFY keeps its old shape (no "event" key).
-- 429 with Retry-After: 3: paused_until = about the answer + 3 s, no
-  request to that tracker from any row until then (request times at the
-  sink), the other tracker not paused, then all delivered.
+- 429 with Retry-After: 3, then 503 with Retry-After: 3: paused_until =
+  the answer + 3 s (within 1 s), no request to that tracker from any row
+  until then (request times at the sink), the other tracker not paused,
+  then all delivered, the held-back rows on their first attempt.
 - The view: its columns and types, one row per adapter in order, fresh
   state (closed since server start), readable by pg_monitor and by no one
   else; trust_trace_breaker_open and trust_trace_throttled_total in
@@ -638,56 +639,64 @@ try:
                   "%d: no failure logged for the healthy rows" % code)
 
     stop_running()      # threads a failed case left behind
-    with t.case("429 with Retry-After: 3 pauses the whole tracker"):
-        env.sink.set_behaviour("/ra-wh", "429;Retry-After=3", default=200)
-        env.sink.set_behaviour("/ra-mfx", default=200)
-        env.point("webhook", "/ra-wh")
-        env.point("myfxbook", "/ra-mfx")
-        first_tid = env.new_trade(user_id=1, signal_id=11)
-        env.close_trade(first_tid)
-        row = env.wait_rows(first_tid, lambda rs: rs.get("webhook", {}).get("last_http_status")
-                            == 429 and rs["webhook"]["status"] == "pending", 10)
-        reqs = env.sink.requests("/ra-wh")
-        t.ok(len(reqs) == 1 and row.get("webhook", {}).get("last_http_status") == 429,
-             "the first request was answered 429 Retry-After: 3 and recorded", repr(row))
-        t429 = reqs[0].time if reqs else time.time()
-        h = health("webhook")
-        t.ok(h.get("paused_epoch") is not None
-             and t429 + 3.0 <= h["paused_epoch"] <= t429 + 4.0,
-             "trace.tracker_health.paused_until = the answer + 3 s (%.3f s after the request)"
-             % ((h.get("paused_epoch") or 0) - t429), repr(h))
-        t.ok(h.get("state") == "closed", "one 429 does not open the breaker", repr(h))
-        t.is_(health("myfxbook").get("paused_until"), None, "myfxbook is not paused")
-        more = []
-        both = None
-        for i in range(10):
-            tid = env.new_trade(user_id=1, signal_id=11)
-            env.close_trade(tid)
-            more.append(tid)
-            if i == 4:
-                both = env.new_trade(user_id=1, signal_id=10)
-                env.close_trade(both)
-            time.sleep(0.15)
-        ok = wait_until(lambda: all(env.rows(x).get("webhook", {}).get("status") == "delivered"
-                                    for x in [first_tid, both] + more), 15, 0.1)
-        t.ok(ok, "then all 12 webhook rows are delivered")
-        later = [r for r in env.sink.requests("/ra-wh") if r.seq != (reqs[0].seq if reqs else 0)]
-        early = [(r.seq, round(r.time - t429, 3)) for r in later
-                 if r.time < t429 + 3.0 or (h.get("paused_epoch") and r.time < h["paused_epoch"])]
-        t.ok(len(later) == 12 and not early,
-             "no request to webhook from any row until paused_until (%d later requests, "
-             "the first %.2f s after the 429)" % (len(later), min([r.time for r in later]
-                                                                 or [t429]) - t429),
-             "too early (seq, s after the 429): %r" % early)
-        mfx = env.reqs_for(both, "myfxbook", "/ra-mfx")
-        t.ok(mfx and mfx[0].time < t429 + 3.0,
-             "myfxbook was not paused: a trade closed during the pause reached it %.2f s "
-             "after the 429" % ((mfx[0].time - t429) if mfx else -1))
-        att = dict(env.sql("SELECT trade_id, attempts FROM trace.trace_queue "
-                           "WHERE adapter = 'webhook' AND trade_id = ANY(%s)", (more + [both],)))
-        t.ok(set(att.values()) == {1}, "rows held back by the pause were delivered on their "
-             "first attempt", repr(att))
-        t.is_(health("webhook").get("paused_until"), None, "paused_until is NULL again")
+    with t.case("429 and 503 with Retry-After: 3 pause the whole tracker"):
+        for code in (429, 503):
+            path_wh, path_mfx = "/ra%d-wh" % code, "/ra%d-mfx" % code
+            env.sink.set_behaviour(path_wh, "%d;Retry-After=3" % code, default=200)
+            env.sink.set_behaviour(path_mfx, default=200)
+            env.point("webhook", path_wh)
+            env.point("myfxbook", path_mfx)
+            first_tid = env.new_trade(user_id=1, signal_id=11)
+            env.close_trade(first_tid)
+            row = env.wait_rows(first_tid, lambda rs: rs.get("webhook", {}).get(
+                "last_http_status") == code and rs["webhook"]["status"] == "pending", 10)
+            reqs = env.sink.requests(path_wh)
+            t.ok(len(reqs) == 1 and row.get("webhook", {}).get("last_http_status") == code,
+                 "%d: the first request was answered %d Retry-After: 3 and recorded"
+                 % (code, code), repr(row))
+            t0 = reqs[0].time if reqs else time.time()
+            h = health("webhook")
+            t.ok(h.get("paused_epoch") is not None
+                 and t0 + 3.0 <= h["paused_epoch"] <= t0 + 4.0,
+                 "%d: trace.tracker_health.paused_until = the answer + 3 s (%.3f s after the "
+                 "request)" % (code, (h.get("paused_epoch") or 0) - t0), repr(h))
+            t.ok(h.get("state") == "closed", "%d: one failure does not open the breaker" % code,
+                 repr(h))
+            t.is_(health("myfxbook").get("paused_until"), None, "%d: myfxbook is not paused" % code)
+            more = []
+            both = None
+            for i in range(10):
+                tid = env.new_trade(user_id=1, signal_id=11)
+                env.close_trade(tid)
+                more.append(tid)
+                if i == 4:
+                    both = env.new_trade(user_id=1, signal_id=10)
+                    env.close_trade(both)
+                time.sleep(0.15)
+            ok = wait_until(lambda: all(env.rows(x).get("webhook", {}).get("status")
+                                        == "delivered" for x in [first_tid, both] + more),
+                            15, 0.1)
+            t.ok(ok, "%d: then all 12 webhook rows are delivered" % code)
+            later = [r for r in env.sink.requests(path_wh)
+                     if r.seq != (reqs[0].seq if reqs else 0)]
+            early = [(r.seq, round(r.time - t0, 3)) for r in later
+                     if r.time < t0 + 3.0 or (h.get("paused_epoch") and r.time < h["paused_epoch"])]
+            t.ok(len(later) == 12 and not early,
+                 "%d: no request to webhook from any row until paused_until (%d later "
+                 "requests, the first %.2f s after the %d)"
+                 % (code, len(later), min([r.time for r in later] or [t0]) - t0, code),
+                 "too early (seq, s after the answer): %r" % early)
+            mfx = env.reqs_for(both, "myfxbook", path_mfx)
+            t.ok(mfx and mfx[0].time < t0 + 3.0,
+                 "%d: myfxbook was not paused: a trade closed during the pause reached it "
+                 "%.2f s after the %d" % (code, (mfx[0].time - t0) if mfx else -1, code))
+            att = dict(env.sql("SELECT trade_id, attempts FROM trace.trace_queue "
+                               "WHERE adapter = 'webhook' AND trade_id = ANY(%s)",
+                               (more + [both],)))
+            t.ok(set(att.values()) == {1}, "%d: rows held back by the pause were delivered on "
+                 "their first attempt" % code, repr(att))
+            t.is_(health("webhook").get("paused_until"), None,
+                  "%d: paused_until is NULL again" % code)
 
     stop_running()      # threads a failed case left behind
     with t.case("promtool, the exporter and the alert rule"):
