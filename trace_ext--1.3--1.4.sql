@@ -1,4 +1,4 @@
-/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library; tracker health; trace.cancel() */
+/* trace_ext 1.3 -> 1.4: the list of adapters comes from the library; tracker health; trace.worker_status; trace.cancel() */
 
 \echo Use "ALTER EXTENSION trace_ext UPDATE TO '1.4'" to load this file. \quit
 
@@ -59,8 +59,33 @@ SELECT h.adapter, h.state, h.since, h.consecutive_failures, h.next_probe_at,
 COMMENT ON VIEW trace.tracker_health IS
     'each tracker''s circuit breaker (closed, open, half_open) and Retry-After pause';
 
-GRANT EXECUTE ON FUNCTION trace._adapters(), trace._tracker_health() TO pg_monitor;
-GRANT SELECT ON trace.tracker_health TO pg_monitor;
+/* ------------------------------------------------------------------------
+ * What each worker is doing, from its slot in shared memory.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._worker_status(
+    OUT worker integer, OUT pid integer, OUT state text, OUT in_flight integer,
+    OUT next_wake_at timestamptz, OUT last_pass_started timestamptz,
+    OUT last_pass_finished timestamptz, OUT delivered bigint, OUT failed bigint,
+    OUT started_at timestamptz)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_worker_status';
+
+REVOKE ALL ON FUNCTION trace._worker_status() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._worker_status() IS
+    'per running worker: pid, state, requests in flight, planned wake-up, last pass, outcomes since it started';
+
+CREATE VIEW trace.worker_status AS
+SELECT w.worker, w.pid, w.state, w.in_flight, w.next_wake_at, w.last_pass_started,
+       w.last_pass_finished, w.delivered, w.failed, w.started_at
+  FROM trace._worker_status() w;
+
+COMMENT ON VIEW trace.worker_status IS
+    'one row per running worker: waiting (for its database or the extension), idle, sending, paused';
+
+GRANT EXECUTE ON FUNCTION trace._adapters(), trace._tracker_health(),
+    trace._worker_status() TO pg_monitor;
+GRANT SELECT ON trace.tracker_health, trace.worker_status TO pg_monitor;
 
 /* ------------------------------------------------------------------------
  * Row-level control: cancel one row; trace.failures shows each row's age.

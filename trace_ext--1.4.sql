@@ -732,6 +732,30 @@ COMMENT ON VIEW trace.tracker_health IS
     'each tracker''s circuit breaker (closed, open, half_open) and Retry-After pause';
 
 /* ------------------------------------------------------------------------
+ * What each worker is doing, from its slot in shared memory.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._worker_status(
+    OUT worker integer, OUT pid integer, OUT state text, OUT in_flight integer,
+    OUT next_wake_at timestamptz, OUT last_pass_started timestamptz,
+    OUT last_pass_finished timestamptz, OUT delivered bigint, OUT failed bigint,
+    OUT started_at timestamptz)
+    RETURNS SETOF record
+    LANGUAGE c STRICT AS 'MODULE_PATHNAME', 'trace_worker_status';
+
+REVOKE ALL ON FUNCTION trace._worker_status() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._worker_status() IS
+    'per running worker: pid, state, requests in flight, planned wake-up, last pass, outcomes since it started';
+
+CREATE VIEW trace.worker_status AS
+SELECT w.worker, w.pid, w.state, w.in_flight, w.next_wake_at, w.last_pass_started,
+       w.last_pass_finished, w.delivered, w.failed, w.started_at
+  FROM trace._worker_status() w;
+
+COMMENT ON VIEW trace.worker_status IS
+    'one row per running worker: waiting (for its database or the extension), idle, sending, paused';
+
+/* ------------------------------------------------------------------------
  * Privileges: PUBLIC gets nothing; pg_monitor reads the monitoring views.
  * ------------------------------------------------------------------------ */
 REVOKE ALL ON SCHEMA trace FROM PUBLIC;
@@ -741,10 +765,10 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA trace FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA trace TO pg_monitor;
 GRANT SELECT ON trace.queue_summary, trace.failures, trace.metrics,
-    trace.tracker_health TO pg_monitor;
+    trace.tracker_health, trace.worker_status TO pg_monitor;
 GRANT EXECUTE ON FUNCTION trace._counters(), trace._fail_counters(),
     trace._duration_histogram(), trace.prometheus_metrics(), trace._adapters(),
-    trace._tracker_health() TO pg_monitor;
+    trace._tracker_health(), trace._worker_status() TO pg_monitor;
 
 /* ------------------------------------------------------------------------
  * On install: warn when nothing will be delivered, and attach to a visible

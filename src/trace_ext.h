@@ -104,6 +104,16 @@ typedef struct TraceAbandoned
 	char	   *error;
 } TraceAbandoned;
 
+/* What a worker is doing (trace.worker_status). */
+typedef enum TraceWorkerState
+{
+	TRACE_WORKER_WAITING = 0,	/* for its database or the extension */
+	TRACE_WORKER_IDLE,
+	TRACE_WORKER_SENDING,
+	TRACE_WORKER_PAUSED,		/* trace.paused */
+	TRACE_WORKER_HELD			/* rows from another cluster (not yet) */
+} TraceWorkerState;
+
 /* What changed for a tracker's breaker (health.c). */
 typedef enum TraceHealthEvent
 {
@@ -180,6 +190,9 @@ extern bool trace_database_missing(void);
 extern void trace_set_database_missing(bool missing);
 extern void trace_publish_wake_at(TimestampTz when);
 extern void trace_wake_all(void);
+extern void trace_worker_set_state(TraceWorkerState state);
+extern void trace_worker_note_pass(bool started);
+extern void trace_worker_note_work(int in_flight, int delivered, int failed);
 extern void trace_note_reload(void);
 
 /* ---- health.c: breakers, pauses and rate limits of the trackers ---- */

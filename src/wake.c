@@ -33,6 +33,7 @@
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "tcop/utility.h"
+#include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
@@ -40,6 +41,7 @@
 PG_FUNCTION_INFO_V1(trace_wake);
 PG_FUNCTION_INFO_V1(trace_queue_changed);
 PG_FUNCTION_INFO_V1(trace_worker_reloads);
+PG_FUNCTION_INFO_V1(trace_worker_status);
 
 typedef struct WorkerSlots
 {
@@ -50,8 +52,18 @@ typedef struct WorkerSlots
 	pg_atomic_uint64 wake_at[TRACE_MAX_WORKERS];
 	/* configuration reloads each worker has made since it started */
 	pg_atomic_uint64 reloads[TRACE_MAX_WORKERS];
+	/* what each worker is doing, for trace.worker_status */
+	pg_atomic_uint32 state[TRACE_MAX_WORKERS];	/* TraceWorkerState */
+	pg_atomic_uint32 in_flight[TRACE_MAX_WORKERS];
+	pg_atomic_uint64 started_at[TRACE_MAX_WORKERS];
+	pg_atomic_uint64 pass_started[TRACE_MAX_WORKERS];	/* 0: none yet */
+	pg_atomic_uint64 pass_finished[TRACE_MAX_WORKERS];
+	pg_atomic_uint64 delivered[TRACE_MAX_WORKERS];
+	pg_atomic_uint64 failed[TRACE_MAX_WORKERS];
 	bool		database_missing;	/* a worker found trace.database absent */
 } WorkerSlots;
+
+static const char *const state_names[] = {"waiting", "idle", "sending", "paused", "held"};
 
 static WorkerSlots *slots = NULL;
 static int	my_slot = -1;
@@ -203,6 +215,13 @@ trace_wake_shmem_init(void)
 	{
 		pg_atomic_init_u64(&slots->wake_at[i], (uint64) DT_NOEND);
 		pg_atomic_init_u64(&slots->reloads[i], 0);
+		pg_atomic_init_u32(&slots->state[i], TRACE_WORKER_WAITING);
+		pg_atomic_init_u32(&slots->in_flight[i], 0);
+		pg_atomic_init_u64(&slots->started_at[i], 0);
+		pg_atomic_init_u64(&slots->pass_started[i], 0);
+		pg_atomic_init_u64(&slots->pass_finished[i], 0);
+		pg_atomic_init_u64(&slots->delivered[i], 0);
+		pg_atomic_init_u64(&slots->failed[i], 0);
 	}
 }
 
@@ -227,8 +246,99 @@ trace_worker_slot_attach(int slot)
 	slots->latches[slot] = MyLatch;
 	SpinLockRelease(&slots->mutex);
 	pg_atomic_write_u64(&slots->reloads[slot], 0);
+	pg_atomic_write_u32(&slots->state[slot], TRACE_WORKER_WAITING);
+	pg_atomic_write_u32(&slots->in_flight[slot], 0);
+	pg_atomic_write_u64(&slots->started_at[slot], (uint64) GetCurrentTimestamp());
+	pg_atomic_write_u64(&slots->pass_started[slot], 0);
+	pg_atomic_write_u64(&slots->pass_finished[slot], 0);
+	pg_atomic_write_u64(&slots->delivered[slot], 0);
+	pg_atomic_write_u64(&slots->failed[slot], 0);
 	trace_publish_wake_at(DT_NOEND);
 	on_shmem_exit(worker_slot_detach, (Datum) 0);
+}
+
+/* What this worker is doing now (trace.worker_status). */
+void
+trace_worker_set_state(TraceWorkerState state)
+{
+	if (my_slot >= 0)
+		pg_atomic_write_u32(&slots->state[my_slot], (uint32) state);
+}
+
+/* A pass starts (started) or ends. */
+void
+trace_worker_note_pass(bool started)
+{
+	if (my_slot < 0)
+		return;
+	pg_atomic_write_u64(started ? &slots->pass_started[my_slot] : &slots->pass_finished[my_slot],
+						(uint64) GetCurrentTimestamp());
+}
+
+/* Requests in flight now; outcomes recorded since the worker started. */
+void
+trace_worker_note_work(int in_flight, int delivered, int failed)
+{
+	if (my_slot < 0)
+		return;
+	pg_atomic_write_u32(&slots->in_flight[my_slot], (uint32) Max(in_flight, 0));
+	if (delivered > 0)
+		pg_atomic_fetch_add_u64(&slots->delivered[my_slot], delivered);
+	if (failed > 0)
+		pg_atomic_fetch_add_u64(&slots->failed[my_slot], failed);
+}
+
+/* A timestamp slot as a nullable timestamptz Datum. */
+static Datum
+time_or_null(pg_atomic_uint64 *v, bool *isnull)
+{
+	TimestampTz t = (TimestampTz) pg_atomic_read_u64(v);
+
+	*isnull = (t == 0 || t == DT_NOEND);
+	return TimestampTzGetDatum(t);
+}
+
+/*
+ * trace._worker_status(): one row per running worker: pid, state, rows in
+ * flight, planned wake-up, last pass started and finished, rows delivered
+ * and failed since it started, when it started.
+ */
+Datum
+trace_worker_status(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	if (slots == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("trace_ext must be loaded via \"shared_preload_libraries\" to run workers")));
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
+	{
+		Datum		values[10];
+		bool		nulls[10] = {false};
+		pid_t		pid;
+		uint32		state;
+
+		SpinLockAcquire(&slots->mutex);
+		pid = slots->pids[i];
+		SpinLockRelease(&slots->mutex);
+		if (pid == 0)
+			continue;
+		state = pg_atomic_read_u32(&slots->state[i]);
+		values[0] = Int32GetDatum(i + 1);
+		values[1] = Int32GetDatum((int32) pid);
+		values[2] = CStringGetTextDatum(state < lengthof(state_names) ? state_names[state] : "?");
+		values[3] = Int32GetDatum((int32) pg_atomic_read_u32(&slots->in_flight[i]));
+		values[4] = time_or_null(&slots->wake_at[i], &nulls[4]);
+		values[5] = time_or_null(&slots->pass_started[i], &nulls[5]);
+		values[6] = time_or_null(&slots->pass_finished[i], &nulls[6]);
+		values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&slots->delivered[i]));
+		values[8] = Int64GetDatum((int64) pg_atomic_read_u64(&slots->failed[i]));
+		values[9] = time_or_null(&slots->started_at[i], &nulls[9]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /* A worker has re-read its configuration (SIGHUP). */

@@ -435,17 +435,22 @@ record_done(PassState *pass)
 {
 	TimestampTz retry_at;
 	List	   *abandoned = NIL;
+	int			delivered = 0;
 	MemoryContext scratch = AllocSetContextCreate(worker_cxt, "trace_ext record",
 												  ALLOCSET_DEFAULT_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(scratch);
 
 	for (int i = 0; i < pass->ndone; i++)
+	{
 		trace_metrics_count(pass->done[i]);
+		delivered += pass->done[i]->out.delivered ? 1 : 0;
+	}
 	retry_at = trace_queue_record(pass->done, pass->ndone, &abandoned);
 	trace_outcome_log_failures(pass->done, pass->ndone);
 	warn_abandoned(abandoned);
 	trace_queue_notify(pass->notify);
 	pass->notify = NIL;
+	trace_worker_note_work(pass->inflight_total, delivered, pass->ndone - delivered);
 	for (int i = 0; i < pass->ndone; i++)
 		batch_release(pass->done[i]);
 	pass->ndone = 0;
@@ -528,6 +533,7 @@ run_pass(int *claimed)
 		}
 
 		collect_responses(&pass);
+		trace_worker_note_work(pass.inflight_total, 0, 0);
 		if (pass.ndone > 0)
 		{
 			next_due = Min(next_due, record_done(&pass));
@@ -927,8 +933,12 @@ trace_worker_main(Datum arg)
 		if (woken || GetCurrentTimestamp() >= next_due)
 		{
 			trace_publish_wake_at(DT_NOEND);
+			trace_worker_set_state(TRACE_WORKER_SENDING);
+			trace_worker_note_pass(true);
 			next_due = run_pass_guarded(&extension_ok, &claimed);
+			trace_worker_note_pass(false);
 		}
+		trace_worker_set_state(trace_paused ? TRACE_WORKER_PAUSED : TRACE_WORKER_IDLE);
 		cleanup_if_due();
 		if (reconcile_if_due())
 			next_due = 0;		/* rows queued: run a pass now */
