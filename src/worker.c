@@ -912,6 +912,7 @@ trace_worker_main(Datum arg)
 	{
 		if (!extension_ok)
 		{
+			trace_worker_set_state(TRACE_WORKER_WAITING);
 			wait_for_extension();
 			extension_ok = true;
 			PG_TRY();
