@@ -33,7 +33,8 @@ assertion is on what the queue, the sink, the view and the log say.
   breaker opened, at most 5 + a summary in the round that opens it, then
   one summary line per round while open: per probe, plus one for rows in
   flight when it opened), and every failure is in exactly one line (its
-  own or a summary's count).
+  own or a summary's count); besides them, the worker's lines about the
+  breaker itself are the two WARNINGs and at most one per failed probe.
 - One poisoned trade among 30 healthy ones (the tracker answers 422 for
   its Idempotency-Key only; then 500 for it only): 422 abandoned after 1
   attempt, 500 after 1 + trace.max_retries = 3; the breaker stays closed
@@ -566,6 +567,17 @@ try:
         t.ok(all(re.search(r"(connect|http_5xx): \d+", x[3]) for x in summ),
              "... each summary counts its failures by reason", "\n".join(x[4] for x in summ))
         t.is_(failed_lines(log, "webhook"), [], "no failed-attempt line for webhook")
+        # Everything else the worker logs about the tracker meanwhile: the
+        # two WARNINGs, and at most one line per failed probe about the
+        # breaker itself ("tracker myfxbook still failing (probe: ...)").
+        other = [ln for ln in log.splitlines()
+                 if re.search(r"(LOG|WARNING|NOTICE|INFO):  (?:trace_ext: )?tracker myfxbook ", ln)]
+        extra = len(other) - len(w_open) - len(w_closed)
+        t.ok(extra <= probes and total + len(other) <= lbound + probes + 2,
+             "all lines about the outage: %d failed-attempt lines + %d about the breaker (2 "
+             "WARNINGs, %d while probing, <= probes %d) <= %d"
+             % (total, len(other), extra, probes, lbound + probes + 2),
+             "\n".join(other[:20]))
 
     stop_running()      # threads a failed case left behind
     with t.case("one poisoned trade among healthy ones: 422, then 500 for it alone"):
