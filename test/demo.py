@@ -155,6 +155,9 @@ def main():
         show(conn, "trace.queue_summary", "SELECT * FROM trace.queue_summary ORDER BY adapter, status")
         show(conn, "trace.failures", "SELECT * FROM trace.failures ORDER BY id")
         show(conn, "trace.metrics", "SELECT * FROM trace.metrics")
+        show(conn, "trace.tracker_health", "SELECT * FROM trace.tracker_health")
+        show(conn, "trace.worker_status",
+             "SELECT worker, pid, state, in_flight, delivered, failed FROM trace.worker_status")
         print("\nThe tokens above are the demo's own; in production they belong in "
               "trace.secrets_file, and they never reach the server log:")
         print("  'demo-webhook-token' in server log: %s"
