@@ -756,6 +756,84 @@ COMMENT ON VIEW trace.worker_status IS
     'one row per running worker: waiting (for its database or the extension), idle, sending, paused';
 
 /* ------------------------------------------------------------------------
+ * Clone protection.  The queue remembers the cluster it was queued on
+ * (PostgreSQL's system identifier).  A dump restored on another cluster, or
+ * a pg_upgrade, brings the old identifier along (this table is dumped with
+ * the queue): the workers then hold every row, and the trades closed on
+ * the new cluster too, until a superuser adopts the queue
+ * (trace.adopt_queue()) or discards it (trace.cancel_queue()).  A promoted
+ * streaming standby has the primary's identifier and just delivers.
+ * ------------------------------------------------------------------------ */
+CREATE FUNCTION trace._system_identifier() RETURNS bigint
+    LANGUAGE c STABLE STRICT PARALLEL SAFE
+    AS 'MODULE_PATHNAME', 'trace_system_identifier';
+
+REVOKE ALL ON FUNCTION trace._system_identifier() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._system_identifier() IS
+    'this cluster''s system identifier (pg_control_system()), as a bigint';
+
+CREATE TABLE trace.queue_origin (
+    system_identifier bigint      NOT NULL,
+    since             timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+REVOKE ALL ON trace.queue_origin FROM PUBLIC;
+
+COMMENT ON TABLE trace.queue_origin IS
+    'the cluster(s) the queue was filled on: a row naming another cluster holds every delivery until trace.adopt_queue()';
+
+INSERT INTO trace.queue_origin (system_identifier) VALUES (trace._system_identifier());
+SELECT pg_catalog.pg_extension_config_dump('trace.queue_origin', '');
+
+CREATE FUNCTION trace.adopt_queue() RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    DELETE FROM trace.queue_origin;
+    INSERT INTO trace.queue_origin (system_identifier) VALUES (trace._system_identifier());
+    SELECT pg_catalog.count(*) INTO n FROM trace.trace_queue
+     WHERE status IN ('pending', 'sending');
+    PERFORM trace._wake();
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION trace.adopt_queue() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace.adopt_queue() IS
+    'this cluster takes over a queue restored from another one: its rows are sent; returns the rows pending';
+
+CREATE FUNCTION trace.cancel_queue() RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM trace.queue_origin o
+                    WHERE o.system_identifier <> trace._system_identifier()) THEN
+        RAISE EXCEPTION 'the queue was not restored from another cluster: nothing is held'
+            USING HINT = 'trace.cancel(id) cancels one row.';
+    END IF;
+    UPDATE trace.trace_queue q
+       SET status = 'cancelled', last_error = 'cancelled: queued on another cluster',
+           lease_owner = NULL, due_at = pg_catalog.now()
+     WHERE q.status IN ('pending', 'sending');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION trace.cancel_queue() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace.cancel_queue() IS
+    'discard a queue restored from another cluster: every pending row is cancelled, and deliveries stay held until trace.adopt_queue()';
+
+/* ------------------------------------------------------------------------
  * Privileges: PUBLIC gets nothing; pg_monitor reads the monitoring views.
  * ------------------------------------------------------------------------ */
 REVOKE ALL ON SCHEMA trace FROM PUBLIC;

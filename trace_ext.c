@@ -9,6 +9,7 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/timestamp.h"
@@ -44,6 +45,7 @@ _PG_init(void)
 
 PG_FUNCTION_INFO_V1(trace_preloaded_fn);
 PG_FUNCTION_INFO_V1(trace_ttl);
+PG_FUNCTION_INFO_V1(trace_system_identifier);
 
 /* trace._preloaded(): is the library in shared_preload_libraries? */
 Datum
@@ -60,4 +62,14 @@ trace_ttl(PG_FUNCTION_ARGS)
 
 	result->time = (int64) trace_ttl_s * USECS_PER_SEC;
 	PG_RETURN_INTERVAL_P(result);
+}
+
+/*
+ * trace._system_identifier(): this cluster's system identifier, the bits
+ * of the uint64 as a bigint (what trace.queue_origin stores).
+ */
+Datum
+trace_system_identifier(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64((int64) GetSystemIdentifier());
 }

@@ -16,6 +16,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -120,6 +121,35 @@ skipped_names(const bool *skip)
 		if (skip[a])
 			names[n++] = trace_adapter_name(a);
 	return text_array(names, NULL, n);
+}
+
+/*
+ * Was the queue filled on another cluster (a restored dump, a pg_upgrade)
+ * and not adopted yet?  In the claim's transaction.  *foreign: the other
+ * cluster's identifier, for the message.  A queue older than 1.4 has no
+ * trace.queue_origin: never held.
+ */
+bool
+trace_queue_held(int64 *foreign)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum((int64) GetSystemIdentifier())};
+	bool		isnull;
+
+	if (SPI_execute("SELECT pg_catalog.to_regclass('trace.queue_origin') IS NOT NULL",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not look for trace.queue_origin");
+	if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+		return false;
+	if (SPI_execute_with_args("SELECT system_identifier FROM trace.queue_origin "
+							  " WHERE system_identifier <> $1 LIMIT 1",
+							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read trace.queue_origin");
+	if (SPI_processed == 0)
+		return false;
+	*foreign = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										   &isnull));
+	return true;
 }
 
 /* Is the extension installed in this database? */

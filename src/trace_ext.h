@@ -111,7 +111,7 @@ typedef enum TraceWorkerState
 	TRACE_WORKER_IDLE,
 	TRACE_WORKER_SENDING,
 	TRACE_WORKER_PAUSED,		/* trace.paused */
-	TRACE_WORKER_HELD			/* rows from another cluster (not yet) */
+	TRACE_WORKER_HELD			/* the queue comes from another cluster */
 } TraceWorkerState;
 
 /* What changed for a tracker's breaker (health.c). */
@@ -228,6 +228,7 @@ extern int	trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 							  TraceItem **items);
 extern void trace_queue_cancel(TraceItem *items, int n);
 extern TimestampTz trace_queue_next_due(const bool *skip);
+extern bool trace_queue_held(int64 *foreign);
 extern void trace_queue_notify(List *payloads);
 extern TimestampTz trace_queue_record(TraceItem **items, int n, List **abandoned);
 extern void trace_queue_release_orphans(void);

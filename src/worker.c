@@ -75,6 +75,8 @@ typedef struct PassState
 	int			inflight_total;
 	int			claimed;		/* rows claimed by the pass */
 	List	   *notify;			/* NOTIFY trace_alert payloads to send */
+	bool		origin_checked; /* the queue's cluster was looked at */
+	bool		held;			/* the queue comes from another cluster */
 } PassState;
 
 static MemoryContext worker_cxt = NULL;
@@ -357,6 +359,24 @@ claim_planned(ClaimPlan *plan, int slots, MemoryContext cxt, TraceItem **items,
 }
 
 /*
+ * Say once (per worker, until it changes) that the queue was filled on
+ * another cluster and nothing is sent, and how to release it.
+ */
+static void
+warn_held(bool held, int64 foreign)
+{
+	static bool warned = false;
+
+	if (held && !warned)
+		ereport(WARNING,
+				(errmsg("the delivery queue was filled on another cluster (system identifier " UINT64_FORMAT "); nothing is sent from it",
+						(uint64) foreign),
+				 errdetail("This cluster was restored from a dump, copied, or upgraded with pg_upgrade: sending its rows here could post a copy's trades to the real trackers."),
+				 errhint("If this cluster is now the one that delivers, run SELECT trace.adopt_queue(); to discard the copied rows, SELECT trace.cancel_queue().")));
+	warned = held;
+}
+
+/*
  * Claim: up to `slots` due rows in one short transaction, as the trackers'
  * health allows, with their payloads built from the trades as they are now
  * and the rows that may not be sent any more cancelled; then hand them to
@@ -382,6 +402,21 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 	batch->cxt = cxt;
 
 	trace_queue_begin("trace_ext: claiming due rows");
+	if (!pass->origin_checked)
+	{
+		int64		foreign = 0;
+
+		pass->held = trace_queue_held(&foreign);
+		pass->origin_checked = true;
+		warn_held(pass->held, foreign);
+	}
+	if (pass->held)
+	{
+		trace_queue_commit();
+		MemoryContextDelete(cxt);
+		*next_due = DT_NOEND;	/* until trace.adopt_queue() wakes us */
+		return false;
+	}
 	n = claim_planned(&plan, slots, cxt, &items, &full);
 	if (n > 0)
 	{
@@ -480,7 +515,7 @@ wait_ms(TimestampTz claim_due)
  * *claimed is how many rows the pass claimed.
  */
 static TimestampTz
-run_pass(int *claimed)
+run_pass(int *claimed, bool *held)
 {
 	PassState	pass;
 	bool		latch_set = true;	/* we were woken, or it is time */
@@ -554,6 +589,7 @@ run_pass(int *claimed)
 	if (pass.done)
 		pfree(pass.done);
 	*claimed = pass.claimed;
+	*held = pass.held;
 	if (trace_paused)
 		return DT_NOEND;		/* until a reload, or trace.poll_interval */
 	return Min(next_due, claim_due);
@@ -587,13 +623,13 @@ recover_after_error(bool report)
 
 /* Run a pass; on error, log it, clean up and carry on. */
 static TimestampTz
-run_pass_guarded(bool *extension_ok, int *claimed)
+run_pass_guarded(bool *extension_ok, int *claimed, bool *held)
 {
 	TimestampTz next_due = DT_NOEND;
 
 	PG_TRY();
 	{
-		next_due = run_pass(claimed);
+		next_due = run_pass(claimed, held);
 	}
 	PG_CATCH();
 	{
@@ -888,6 +924,7 @@ trace_worker_main(Datum arg)
 	bool		extension_ok = false;
 	bool		woken = true;
 	int			claimed = 0;
+	bool		held = false;
 	TimestampTz next_due = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -936,10 +973,11 @@ trace_worker_main(Datum arg)
 			trace_publish_wake_at(DT_NOEND);
 			trace_worker_set_state(TRACE_WORKER_SENDING);
 			trace_worker_note_pass(true);
-			next_due = run_pass_guarded(&extension_ok, &claimed);
+			next_due = run_pass_guarded(&extension_ok, &claimed, &held);
 			trace_worker_note_pass(false);
 		}
-		trace_worker_set_state(trace_paused ? TRACE_WORKER_PAUSED : TRACE_WORKER_IDLE);
+		trace_worker_set_state(trace_paused ? TRACE_WORKER_PAUSED :
+							   held ? TRACE_WORKER_HELD : TRACE_WORKER_IDLE);
 		cleanup_if_due();
 		if (reconcile_if_due())
 			next_due = 0;		/* rows queued: run a pass now */

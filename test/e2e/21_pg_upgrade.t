@@ -7,8 +7,11 @@ new cluster initialised with the same settings, trace_ext preloaded).
 pg_upgrade starts both servers in binary upgrade mode, where trace_ext
 must not deliver: no worker runs there (no trace_ext line in pg_upgrade's
 server log, no request reaches the tracker while pg_upgrade runs).  The
-upgraded cluster has the queue as it was, row for row, and once the
-tracker answers 200 its worker delivers every row, one 2xx per (trade,
+upgraded cluster has the queue as it was, row for row.  pg_upgrade gives
+it a new system identifier, so its worker holds the queue (clone
+protection: state held, a WARNING naming trace.adopt_queue(), no
+request) until the README's runbook step SELECT trace.adopt_queue(); then,
+the tracker answering 200, it delivers every row, one 2xx per (trade,
 tracker), same Idempotency-Key as before."""
 
 import glob
@@ -97,9 +100,29 @@ try:
         new.stop()
         env.sink.set_behaviour("/up-mfx", default=200)
         env.sink.set_behaviour("/up-wh", default=200)
+        since = new.log_size()
         new.start()
         conn = new.connect("trades")
         cur = conn.cursor()
+
+        # Runbook: the upgraded cluster holds the queue until it is adopted.
+        def worker_state():
+            cur.execute("SELECT state FROM trace.worker_status")
+            return [r[0] for r in cur.fetchall()]
+        t.ok(wait_until(lambda: worker_state() == ["held"], 30),
+             "after pg_upgrade (a new system identifier) the worker holds the queue",
+             lambda: repr(worker_state()))
+        t.ok(new.wait_for_log(r"WARNING:  the delivery queue was filled on another cluster",
+                              since, 10) is not None,
+             "... says so in a WARNING that names trace.adopt_queue()")
+        n_before = len([r for r in env.sink.requests() if r.route in ("/up-mfx", "/up-wh")
+                        and (r.response or {}).get("status") == 200])
+        time.sleep(1)
+        t.is_(len([r for r in env.sink.requests() if r.route in ("/up-mfx", "/up-wh")
+                   and (r.response or {}).get("status") == 200]), n_before,
+              "... and sends nothing while held")
+        cur.execute("SELECT trace.adopt_queue()")
+        t.is_(cur.fetchone()[0], 40, "SELECT trace.adopt_queue() releases the 40 pending rows")
 
         def delivered():
             cur.execute("SELECT count(*) FROM trace.trace_queue WHERE trade_id BETWEEN %s "
