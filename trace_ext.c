@@ -43,6 +43,19 @@ _PG_init(void)
 	trace_register_workers();
 }
 
+/*
+ * The shared state (counters, trackers' health, workers' slots) exists only
+ * when the library is preloaded: reading it without is an error that says
+ * so, rather than zeros that would look like an idle system.
+ */
+void
+trace_error_not_preloaded(const char *to_do)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("trace_ext must be loaded via \"shared_preload_libraries\" to %s", to_do)));
+}
+
 PG_FUNCTION_INFO_V1(trace_preloaded_fn);
 PG_FUNCTION_INFO_V1(trace_ttl);
 PG_FUNCTION_INFO_V1(trace_system_identifier);

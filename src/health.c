@@ -413,9 +413,7 @@ trace_tracker_health(PG_FUNCTION_ARGS)
 	TimestampTz now = GetCurrentTimestamp();
 
 	if (health == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("trace_ext must be loaded via \"shared_preload_libraries\" to keep tracker health")));
+		trace_error_not_preloaded("keep tracker health");
 	InitMaterializedSRF(fcinfo, 0);
 	for (int a = 0; a < trace_num_adapters; a++)
 	{

@@ -129,9 +129,7 @@ static void
 require_counters(void)
 {
 	if (counters == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("trace_ext must be loaded via \"shared_preload_libraries\" to keep delivery metrics")));
+		trace_error_not_preloaded("keep delivery metrics");
 }
 
 /*

@@ -134,6 +134,7 @@ typedef struct TraceHealthNote
 
 /* ---- trace_ext.c ---- */
 extern bool trace_preloaded;
+extern void trace_error_not_preloaded(const char *to_do) pg_attribute_noreturn();
 
 /* ---- guc.c ---- */
 extern char *trace_database;

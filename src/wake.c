@@ -309,9 +309,7 @@ trace_worker_status(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	if (slots == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("trace_ext must be loaded via \"shared_preload_libraries\" to run workers")));
+		trace_error_not_preloaded("run workers");
 	InitMaterializedSRF(fcinfo, 0);
 	for (int i = 0; i < TRACE_MAX_WORKERS; i++)
 	{

@@ -7,46 +7,19 @@ prometheus-postgres-exporter, run with monitoring/queries.yaml as a
 pg_monitor member, serves the same trust_* series; the alert rules pass
 `promtool check rules`; and the counters survive a worker restart."""
 
-import os
-import re
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from tap import Tap, wait_until  # noqa: E402
+from exposition import Exporter, parse, value  # noqa: E402
 from trace_e2e import REPO, TraceEnv, free_port  # noqa: E402
 
-EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 PROMTOOL = "/usr/bin/promtool"
 ADAPTERS = ("myfxbook", "webhook", "file")
 REASONS = ("timeout", "connect", "tls", "http_4xx", "http_5xx", "redirect",
            "config", "io", "other")
-SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
-
-
-def parse(text, drop=("server",)):
-    """Exposition text -> {(name, frozenset(labels)): float}.  The exporter
-    adds a `server` label to every series; it is left out."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = SAMPLE.match(line)
-        if not m:
-            continue
-        labels = frozenset(kv for kv in re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")
-                           if kv[0] not in drop)
-        out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def value(samples, name, **labels):
-    return samples.get((name, frozenset(labels.items())))
-
 
 t = Tap()
 # Per-row failure rules: the trackers' breakers (tests 24, 25) are off.
@@ -174,31 +147,14 @@ try:
         nobody.close()
 
     with t.case("prometheus-postgres-exporter serves the trust_* series"):
-        port = free_port()
-        dsn = "host=%s port=%d user=trace_monitor dbname=trades sslmode=disable" % (
-            env.cluster.sockdir, env.cluster.port)
-        exporter = subprocess.Popen(
-            [EXPORTER, "--web.listen-address=127.0.0.1:%d" % port,
-             "--extend.query-path=%s" % (REPO / "monitoring" / "queries.yaml"),
-             "--disable-default-metrics", "--disable-settings-metrics"],
-            env=dict(os.environ, DATA_SOURCE_NAME=dsn),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-        def scrape():
-            try:
-                with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
-                    body = r.read().decode()
-                return body if "trust_traces_pushed_total" in body else None
-            except OSError:
-                return None
-        body = wait_until(scrape, 20)
-        t.ok(body, "the exporter's /metrics has trust_traces_pushed_total",
-             lambda: exporter.poll() is not None and exporter.stdout.read().decode()[-2000:])
+        exporter = Exporter(env.cluster, "trace_monitor")
+        body = exporter.scrape("trust_traces_pushed_total")
+        t.ok(body, "the exporter's /metrics has trust_traces_pushed_total", exporter.output)
         if body:
             exp = parse(body)
             t.is_(value(exp, "pg_exporter_last_scrape_error"), 0.0,
                   "the exporter ran every query of monitoring/queries.yaml without error",
-                  lambda: exporter.poll() is None and "(exporter still running)")
+                  exporter.output)
             now = parse(env.sql1("SELECT trace.prometheus_metrics()"))
             missing = [k for k in now if k not in exp]
             differ = [k for k in now if k in exp and exp[k] != now[k]
@@ -220,11 +176,7 @@ try:
         t.ok(before == after, "every counter is unchanged after the worker restart")
 finally:
     if exporter is not None:
-        exporter.terminate()
-        try:
-            exporter.wait(10)
-        except subprocess.TimeoutExpired:
-            exporter.kill()
+        exporter.stop()
     env.close()
 
 sys.exit(t.done())

@@ -67,19 +67,18 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 import psycopg2  # noqa: E402
 from tap import Tap, wait_until  # noqa: E402
+from exposition import EXPORTER, Exporter, parse, value  # noqa: E402
 from trace_e2e import REPO, TraceEnv, free_port  # noqa: E402
 
 BASE, CAP, RETRIES, THRESHOLD, BATCH, WORKERS = 0.1, 1.0, 2, 5, 10, 1
 ADAPTERS = ("myfxbook", "webhook", "file")
 BOTH = ("myfxbook", "webhook")
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
-EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 
 t = Tap()
 env = TraceEnv.start_or_exit(t, gucs={
@@ -134,24 +133,6 @@ def health(adapter):
                     "extract(epoch FROM next_probe_at)::float8 AS probe_epoch "
                     "FROM trace.tracker_health WHERE adapter = %s", (adapter,))
     return rows[0] if rows else {}
-
-
-def metric_samples(text):
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r'^([a-z_]+)(\{[^}]*\})? (\S+)$', line)
-        if m:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def series(samples, name, **labels):
-    want = frozenset(labels.items())
-    for (n, ls), v in samples.items():
-        if n == name and want <= ls and not {k for k, _ in ls} - set(labels) - {"server"}:
-            return v
-    return None
 
 
 RUNNING = []        # background threads to stop if a case ends early
@@ -370,12 +351,12 @@ try:
             nobody.close()
 
         text = env.sql1("SELECT trace.prometheus_metrics()")
-        s = metric_samples(text)
+        s = parse(text)
         for fam, typ in (("trust_trace_breaker_open", "gauge"),
                          ("trust_trace_throttled_total", "counter")):
             t.ok("# TYPE %s %s\n" % (fam, typ) in text and "# HELP %s " % fam in text,
                  "trace.prometheus_metrics(): HELP and TYPE %s for %s" % (typ, fam))
-            t.is_([series(s, fam, adapter=a) for a in ADAPTERS], [0.0, 0.0, 0.0],
+            t.is_([value(s, fam, adapter=a) for a in ADAPTERS], [0.0, 0.0, 0.0],
                   "... %s{adapter} is 0 for each of the three adapters" % fam)
 
     with t.case("a tracker down 16 s (20x its retry window), trades closing throughout"):
@@ -421,12 +402,12 @@ try:
         time.sleep(max(0.0, t_b + PHASE / 2 - time.time()))
         mid_b = health("myfxbook")
         open_exposition = env.sql1("SELECT trace.prometheus_metrics()")
-        s = metric_samples(open_exposition)
+        s = parse(open_exposition)
         t.ok(mid_b.get("state") in ("open", "half_open") and mid_b.get("next_probe_at") is not None
              and "503" in (mid_b.get("last_error") or ""),
              "answering 503: still open, last_error HTTP 503", repr(mid_b))
-        t.is_((series(s, "trust_trace_breaker_open", adapter="myfxbook"),
-               series(s, "trust_trace_breaker_open", adapter="webhook")), (1.0, 0.0),
+        t.is_((value(s, "trust_trace_breaker_open", adapter="myfxbook"),
+               value(s, "trust_trace_breaker_open", adapter="webhook")), (1.0, 0.0),
               "trust_trace_breaker_open: myfxbook 1, webhook 0")
         time.sleep(max(0.0, t_b + PHASE - time.time()))
 
@@ -793,39 +774,22 @@ try:
             t.skip("the exporter serves trust_trace_breaker_open and trust_trace_throttled_total",
                    "prometheus-postgres-exporter not installed")
         else:
-            port = free_port()
-            dsn = "host=%s port=%d user=health_monitor dbname=trades sslmode=disable" % (
-                env.cluster.sockdir, env.cluster.port)
-            exporter = subprocess.Popen(
-                [EXPORTER, "--web.listen-address=127.0.0.1:%d" % port,
-                 "--extend.query-path=%s" % (REPO / "monitoring" / "queries.yaml"),
-                 "--disable-default-metrics", "--disable-settings-metrics"],
-                env=dict(os.environ, DATA_SOURCE_NAME=dsn),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-            def scrape():
-                try:
-                    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port,
-                                                timeout=5) as r:
-                        body = r.read().decode()
-                    return body if "trust_trace_breaker_open" in body else None
-                except OSError:
-                    return None
-            body = wait_until(scrape, 20)
+            exporter = Exporter(env.cluster, "health_monitor")
+            body = exporter.scrape("trust_trace_breaker_open")
             t.ok(body, "the exporter (monitoring/queries.yaml) serves trust_trace_breaker_open",
-                 lambda: exporter.poll() is not None and exporter.stdout.read().decode()[-2000:])
+                 exporter.output)
             if body:
-                exp = metric_samples(body)
-                now = metric_samples(env.sql1("SELECT trace.prometheus_metrics()"))
-                t.is_(series(exp, "pg_exporter_last_scrape_error"), 0.0,
+                exp = parse(body)
+                now = parse(env.sql1("SELECT trace.prometheus_metrics()"))
+                t.is_(value(exp, "pg_exporter_last_scrape_error"), 0.0,
                       "... every query of queries.yaml ran without error")
                 for fam in ("trust_trace_breaker_open", "trust_trace_throttled_total"):
-                    got = [series(exp, fam, adapter=a) for a in ADAPTERS]
-                    want = [series(now, fam, adapter=a) for a in ADAPTERS]
+                    got = [value(exp, fam, adapter=a) for a in ADAPTERS]
+                    want = [value(now, fam, adapter=a) for a in ADAPTERS]
                     t.ok(None not in got and got == want,
                          "%s{adapter} from the exporter = trace.prometheus_metrics(): %r"
                          % (fam, got), "exporter %r, function %r" % (got, want))
-                t.is_(series(exp, "trust_trace_breaker_open", adapter="webhook"), 1.0,
+                t.is_(value(exp, "trust_trace_breaker_open", adapter="webhook"), 1.0,
                       "... trust_trace_breaker_open{adapter=\"webhook\"} is 1")
         env.sink.set_behaviour("/ra-wh", default=200)
         env.point("webhook", "/ra-wh")
@@ -836,11 +800,7 @@ try:
 finally:
     stop_running()
     if exporter is not None:
-        exporter.terminate()
-        try:
-            exporter.wait(10)
-        except subprocess.TimeoutExpired:
-            exporter.kill()
+        exporter.stop()
     env.close()
 
 sys.exit(t.done())
