@@ -336,6 +336,9 @@ try:
         t_reopen = time.time()
         t.ok(reopened, "it opens again after the threshold (%.1f s after the restart)"
              % (t_reopen - t_ready))
+        # The sampler's own session may not have seen the change yet when
+        # this one has: give it a moment before reading its samples.
+        wait_until(lambda: any(x[1][0] != "closed" for x in states.samples), 5, 0.02)
         seq = [x[1][0] for x in states.samples]
         runs = [x for i, x in enumerate(seq) if i == 0 or seq[i - 1] != x]
         t.ok(runs[:1] == ["closed"] and len(runs) > 1 and runs[1] in ("open", "half_open"),
