@@ -1,4 +1,4 @@
-/* trace_ext 1.4 -> 1.5: monitoring that stays cheap on a big queue (trace.queue_backlog) */
+/* trace_ext 1.4 -> 1.5: monitoring that stays cheap on a big queue (trace.queue_backlog, trace._queue_held()) */
 
 \echo Use "ALTER EXTENSION trace_ext UPDATE TO '1.5'" to load this file. \quit
 
@@ -35,3 +35,20 @@ COMMENT ON VIEW trace.queue_backlog IS
 
 REVOKE ALL ON trace.queue_backlog FROM PUBLIC;
 GRANT SELECT ON trace.queue_backlog TO pg_monitor;
+
+-- For monitoring (monitoring/queries.yaml): true while the queue names
+-- another cluster, so that the workers hold it.  It reads only
+-- trace.queue_origin, works without the preload, and needs no worker.
+CREATE FUNCTION trace._queue_held() RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM trace.queue_origin o
+                    WHERE o.system_identifier <> trace._system_identifier())
+$$;
+
+REVOKE ALL ON FUNCTION trace._queue_held() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION trace._queue_held() TO pg_monitor;
+
+COMMENT ON FUNCTION trace._queue_held() IS
+    'true while the queue was filled on another cluster and the workers hold it (until trace.adopt_queue())';

@@ -864,6 +864,22 @@ REVOKE ALL ON FUNCTION trace.cancel_queue() FROM PUBLIC;
 COMMENT ON FUNCTION trace.cancel_queue() IS
     'discard a queue restored from another cluster: every pending row is cancelled, and deliveries stay held until trace.adopt_queue()';
 
+-- For monitoring (monitoring/queries.yaml): true while the queue names
+-- another cluster, so that the workers hold it.  It reads only
+-- trace.queue_origin, works without the preload, and needs no worker.
+CREATE FUNCTION trace._queue_held() RETURNS boolean
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM trace.queue_origin o
+                    WHERE o.system_identifier <> trace._system_identifier())
+$$;
+
+REVOKE ALL ON FUNCTION trace._queue_held() FROM PUBLIC;
+
+COMMENT ON FUNCTION trace._queue_held() IS
+    'true while the queue was filled on another cluster and the workers hold it (until trace.adopt_queue())';
+
 /* ------------------------------------------------------------------------
  * Privileges: PUBLIC gets nothing; pg_monitor reads the monitoring views.
  * ------------------------------------------------------------------------ */
@@ -877,7 +893,7 @@ GRANT SELECT ON trace.queue_summary, trace.failures, trace.metrics,
     trace.tracker_health, trace.worker_status, trace.queue_backlog TO pg_monitor;
 GRANT EXECUTE ON FUNCTION trace._counters(), trace._fail_counters(),
     trace._duration_histogram(), trace.prometheus_metrics(), trace._adapters(),
-    trace._tracker_health(), trace._worker_status() TO pg_monitor;
+    trace._tracker_health(), trace._worker_status(), trace._queue_held() TO pg_monitor;
 
 /* ------------------------------------------------------------------------
  * On install: warn when nothing will be delivered, and attach to a visible

@@ -138,7 +138,7 @@ want() { [ -z "$ONLY_LAYERS" ] || [[ " $ONLY_LAYERS " == *" $1 "* ]]; }
 
 # --- packages --------------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev
-          postgresql-15-pgtap pgtap python3-psycopg2 make gcc
+          postgresql-15-pgtap pgtap python3-psycopg2 python3-yaml make gcc
           prometheus prometheus-postgres-exporter python3-botocore faketime
           nodejs locales)
 . "$repo/test/lib/packages.sh"
