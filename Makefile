@@ -111,3 +111,33 @@ test:
 	"$(srcdir)/test/run.sh"
 demo:
 	"$(srcdir)/test/demo.sh"
+
+# trace_ctl, the monitoring client: a libpq program in trace_ctl/, with a
+# PGXS makefile of its own (one makefile builds a PROGRAM or a MODULE_big,
+# not both).  Built, installed, uninstalled and cleaned with the
+# extension; from a separate build directory, in its trace_ctl/, with the
+# sources' trace_ctl/ as VPATH.  PG_CONFIG goes along (made absolute when
+# it is a relative path: the sub-make runs one directory down).
+TRACE_CTL_PG_CONFIG = $(if $(findstring /,$(PG_CONFIG)),$(abspath $(PG_CONFIG)),$(PG_CONFIG))
+TRACE_CTL_MAKE = $(MAKE) -C trace_ctl PG_CONFIG="$(TRACE_CTL_PG_CONFIG)"
+ifneq ($(abspath $(srcdir)),$(CURDIR))
+TRACE_CTL_MAKE += -f "$(abspath $(srcdir))/trace_ctl/Makefile" VPATH="$(abspath $(srcdir))/trace_ctl"
+endif
+
+all: trace-ctl
+install: install-trace-ctl
+uninstall: uninstall-trace-ctl
+clean: clean-trace-ctl
+
+.PHONY: trace-ctl install-trace-ctl uninstall-trace-ctl clean-trace-ctl
+trace-ctl:
+	@mkdir -p trace_ctl
+	$(TRACE_CTL_MAKE)
+install-trace-ctl: trace-ctl
+	$(TRACE_CTL_MAKE) install
+uninstall-trace-ctl:
+	@mkdir -p trace_ctl
+	$(TRACE_CTL_MAKE) uninstall
+clean-trace-ctl:
+	@mkdir -p trace_ctl
+	$(TRACE_CTL_MAKE) clean

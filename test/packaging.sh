@@ -10,14 +10,16 @@
 #     throwaway cluster on the staged files (debian/rules);
 #  3. lintian: no error (the warnings kept are listed in README.md,
 #     "Debian package");
-#  4. the package holds the library and every SQL script of the tree;
+#  4. the package holds the library, every SQL script of the tree and
+#     trace_ctl (in PostgreSQL's bindir, beside psql);
 #  5. installs it (apt-get install ./….deb, which pulls its dependencies
 #     from Debian's archive; dpkg -i with --no-install), after removing
 #     trace_ext files that no package owns (a `make install`: set aside,
 #     put back at the end), so that only the package's files are there, as
 #     on a fresh machine;
 #  6. a fresh cluster preloading trace_ext from the installed files:
-#     CREATE EXTENSION, the version, a running worker;
+#     CREATE EXTENSION, the version, a running worker; the installed
+#     trace_ctl prints the version and finds it healthy (trace_ctl status);
 #  7. the regression suite against the installed files
 #     (debian/tests/installcheck, the autopkgtest: a temporary instance);
 #  8. purges the package, and puts back the files set aside in 5.
@@ -126,12 +128,13 @@ grep -q '^E: ' "$work/lintian.log" && die "lintian reports errors"
 # 4. contents
 step "package contents"
 dpkg -c "$deb" >"$work/contents"
-want=("./usr/lib/postgresql/$v/lib/trace_ext.so" ".$extdir/trace_ext.control")
+want=("./usr/lib/postgresql/$v/lib/trace_ext.so" ".$extdir/trace_ext.control"
+      "./usr/lib/postgresql/$v/bin/trace_ctl")
 for f in "$src"/trace_ext--*.sql; do want+=(".$extdir/$(basename "$f")"); done
 for f in "${want[@]}"; do
     grep -q " $f\$" "$work/contents" || die "$(basename "$deb") lacks $f"
 done
-echo "    the library, the control file and ${#want[@]} files in all are there"
+echo "    the library, the control file, trace_ctl and ${#want[@]} files in all are there"
 
 # 5. install
 if [ -n "$no_install" ]; then
@@ -145,6 +148,12 @@ fi
 dpkg-query -W -f='    installed ${Package} ${Version}\n' "$pkg"
 owner=$(dpkg -S "$libdir/trace_ext.so" | cut -d: -f1)
 [ "$owner" = "$pkg" ] || die "$libdir/trace_ext.so belongs to '$owner'"
+trace_ctl=/usr/lib/postgresql/$v/bin/trace_ctl
+owner=$(dpkg -S "$trace_ctl" | cut -d: -f1)
+[ "$owner" = "$pkg" ] || die "$trace_ctl belongs to '$owner'"
+got=$("$trace_ctl" --version) || die "$trace_ctl --version failed"
+echo "    $got"
+[ "$got" = "trace_ctl (trace_ext) $version" ] || die "$trace_ctl --version: '$got'"
 
 # 6. a fresh cluster from the installed files
 step "a fresh cluster preloading trace_ext: CREATE EXTENSION, a worker"
@@ -154,12 +163,17 @@ out=$(cd / && pg_virtualenv -t -v "$v" -o shared_preload_libraries=trace_ext sh 
          -c "SELECT extversion FROM pg_extension WHERE extname = '\''trace_ext'\''" &&
     for i in $(seq 1 50); do
         n=$(psql -X -A -t -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = '\''trace_ext worker'\''")
-        [ "$n" -ge 1 ] && { echo "workers $n"; exit 0; }
+        [ "$n" -ge 1 ] && break
         sleep 0.2
-    done; echo "workers 0"' 2>&1) || { echo "$out"; die "the fresh cluster"; }
+    done; echo "workers $n"
+    # the installed trace_ctl, through the PG* variables pg_virtualenv sets
+    s=$('"$trace_ctl"' status); rc=$?; echo "$s" | head -1; echo "trace_ctl status exit $rc"' 2>&1) ||
+    { echo "$out"; die "the fresh cluster"; }
 echo "$out" | sed 's/^/    /'
 echo "$out" | grep -qx "$version" || die "the installed extension is not $version"
 echo "$out" | grep -q '^workers [1-9]' || die "no trace_ext worker started"
+echo "$out" | grep -q '^TRACE_EXT OK - ' || die "trace_ctl status does not say OK"
+echo "$out" | grep -qx 'trace_ctl status exit 0' || die "trace_ctl status did not exit 0"
 
 # 7. the regression suite against the installed files (the autopkgtest)
 step "debian/tests/installcheck (make installcheck on a temporary instance)"
