@@ -424,7 +424,15 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 		trace_payload_build(items, n, cxt);
 		trace_queue_cancel(items, n);
 	}
-	*next_due = full ? 0 : Min(trace_queue_next_due(plan.blocked), plan.wait_until);
+	if (full)
+		*next_due = 0;
+	else
+	{
+		/* not inside Min(): a macro, it would run the query twice */
+		TimestampTz due = trace_queue_next_due(plan.blocked);
+
+		*next_due = Min(due, plan.wait_until);
+	}
 	trace_queue_commit();
 	pass->claimed += n;
 
@@ -571,7 +579,10 @@ run_pass(int *claimed, bool *held)
 		trace_worker_note_work(pass.inflight_total, 0, 0);
 		if (pass.ndone > 0)
 		{
-			next_due = Min(next_due, record_done(&pass));
+			/* not inside Min(): a macro, it would record twice */
+			TimestampTz retry_at = record_done(&pass);
+
+			next_due = Min(next_due, retry_at);
 			/* slots freed: an adapter left out at its cap may go now */
 			if (capped)
 				may_have_due = true;
