@@ -613,14 +613,27 @@ try:
         mon = env.cluster.connect("trades")
         mcur = mon.cursor()
         # The workers woken by the close may still be ending the short
-        # claim that found the rows already taken: wait until all three
-        # are idle once (a condition, not a sleep), then sample.  From then
-        # on nothing wakes them until the hanging requests end.
-        settled = wait_until(lambda: mcur.execute(
-            "SELECT count(*) FILTER (WHERE state = 'idle' AND backend_xmin IS NULL) "
-            "  FROM pg_stat_activity WHERE backend_type = 'trace_ext worker'")
-            or mcur.fetchone()[0] == 3, 5)
-        t.ok(settled, "all three workers idle while the 40 requests hang")
+        # claim that found the rows already taken, and one that found them
+        # locked looks again 50 ms later (LOCKED_ROW_SLEEP_MS): wait until
+        # all three are idle (no transaction), each either waiting for its
+        # requests or with no wake-up planned before they end, twice 0.2 s
+        # apart (a condition, not a sleep), then sample.
+        # From then on nothing wakes them until the hanging requests end.
+        def quiet():
+            mcur.execute(
+                "SELECT (SELECT count(*) FROM pg_stat_activity "
+                "         WHERE backend_type = 'trace_ext worker' "
+                "           AND state = 'idle' AND backend_xmin IS NULL), "
+                "       (SELECT count(*) FROM trace.worker_status "
+                "         WHERE (state = 'idle' "
+                "                AND (next_wake_at IS NULL "
+                "                     OR next_wake_at > now() + interval '15 s')) "
+                "            OR (state = 'sending' AND in_flight > 0))")
+            return mcur.fetchone() == (3, 3)
+        settled = wait_until(lambda: quiet() and (time.sleep(0.2) or quiet()), 10)
+        t.ok(settled, "all three workers idle while the 40 requests hang",
+             lambda: repr(env.sql("SELECT pid, state, next_wake_at - now() "
+                                  "FROM trace.worker_status")))
         for _ in range(200):
             mcur.execute("SELECT pid, backend_xmin::text, backend_xid::text, state, query "
                          "FROM pg_stat_activity WHERE backend_type = 'trace_ext worker'")
