@@ -8,17 +8,27 @@ them all due at once, and times the drain from then until the last row is
 checks every row ended delivered, nginx saw exactly one request per row,
 all answered 200.  Prints the rate and the conditions.
 
-Usage (as root, after make install):
+--tls: nginx serves HTTPS with a certificate of a throwaway CA made with
+openssl in a temp dir (keep-alive, TLS session cache); trace.ca_file
+points at the CA and the endpoint is https://127.0.0.1:PORT.  --http2:
+the same, and nginx also offers HTTP/2 by ALPN.  trace_ext does not set
+CURLOPT_HTTP_VERSION, so libcurl's default applies (7.88: HTTP/2 over TLS
+when the server offers it, HTTP/1.1 otherwise); the protocol nginx logged
+for each request and the number of connections it saw are printed.
+
+Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/throughput.py [N] [--workers W] [--batch B] [--nginx-workers K]
+                        [--tls | --http2] [--perf FILE]
+To compare plain HTTP with HTTPS, alternate the runs:
+    for i in 1 2; do bench/throughput.py 100000; bench/throughput.py 100000 --tls; done
 A benchmark, not a test: it asserts nothing.
 """
 
 import argparse
-import time
 
-from benchlib import (DB, Nginx, add_open_trades, close_all_open, conditions, cpu_seconds,
-                      fmt_counts, last_error_sample, print_block, queue_counts, rss_kb,
-                      start_cluster, tcp_sockets, wait_until, worker_pids)
+from benchlib import (DB, Drain, Nginx, PerfRecord, conditions, fmt_counts, last_error_sample,
+                      print_block, queue_counts, queue_rows_held_back, rss_kb, start_cluster,
+                      wait_until, worker_pids)
 
 
 def main():
@@ -28,67 +38,50 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--nginx-workers", type=int, default=1)
     ap.add_argument("--perf", metavar="FILE", help="perf record the first worker into FILE")
+    ap.add_argument("--tls", action="store_true", help="HTTPS (a throwaway CA, trace.ca_file)")
+    ap.add_argument("--http2", action="store_true",
+                    help="HTTPS, and nginx offers HTTP/2 (implies --tls)")
     args = ap.parse_args()
 
-    nginx = Nginx(workers=args.nginx_workers).start()
+    nginx = Nginx(workers=args.nginx_workers, tls=args.tls, http2=args.http2).start()
     settings = {
         "trace.enabled_adapters": "webhook",
         "trace.webhook_endpoint": nginx.url("/hook"),
         "trace.delay": "1h",
         "trace.workers": args.workers,
     }
+    if nginx.ca_file:
+        settings["trace.ca_file"] = nginx.ca_file
     if args.batch:
         settings["trace.batch_size"] = args.batch
     cluster = start_cluster(settings, "trace_bench_throughput")
     try:
         conn = cluster.connect(DB)
         cur = conn.cursor()
-        t0 = time.time()
-        add_open_trades(cur, 1000000, args.n, signal_id=11)
-        closed = close_all_open(cur)
-        t_close = time.time() - t0
-        cur.execute("VACUUM ANALYZE trace.trace_queue")
+        closed, t_close = queue_rows_held_back(cur, args.n, signal_id=11)
         pids = wait_until(lambda: worker_pids(cur), 20)
-        perf = None
-        if args.perf:
-            import subprocess
-            perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "2999", "-g",
-                                     "-p", str(pids[0]), "-o", args.perf],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-        cpu0 = {p: cpu_seconds(p) for p in pids}
+        perf = PerfRecord(pids[0], args.perf) if args.perf else None
         rss0 = {p: rss_kb(p) for p in pids}
-        socks, rss = [], []
-
-        start = time.time()
-        cur.execute("UPDATE trace.trace_queue SET due_at = now() WHERE status = 'pending'")
-        while True:
-            socks.append(sum(tcp_sockets(p) for p in pids))
-            rss.append(max(rss_kb(p) for p in pids))
-            cur.execute("SELECT count(*) FROM trace.trace_queue WHERE status <> 'delivered'")
-            left = cur.fetchone()[0]
-            if left == 0 or time.time() - start > 600:
-                break
-            time.sleep(0.05)
-        cur.execute("SELECT extract(epoch FROM max(delivered_at)) FROM trace.trace_queue")
-        last = float(cur.fetchone()[0])
-        elapsed = last - start
-        cpu = sum(cpu_seconds(p) - cpu0[p] for p in pids)
+        drain = Drain(cur, pids).run()
+        elapsed, cpu = drain.elapsed, drain.cpu
         if perf:
-            perf.send_signal(2)
-            perf.wait()
+            perf.stop()
         counts = queue_counts(cur)
         total = sum(counts.values())
         reqs = nginx.requests()
         keys = [r[2] for r in reqs]
         non200 = sum(1 for r in reqs if r[1] != 200)
+        protocols = {}
+        for r in reqs:
+            protocols[r[3]] = protocols.get(r[3], 0) + 1
+        connections = len(set(r[4] for r in reqs))
 
         print_block("throughput: %d due rows -> loopback nginx, webhook adapter" % args.n,
                     conditions(cluster, {
                         "rows": "%d trades closed in %.1f s (trigger), all made due at once"
                                 % (closed, t_close),
-                        "sink": "nginx, %d worker process(es), return 200, keep-alive"
-                                % args.nginx_workers,
+                        "sink": "%s, %d worker process(es)"
+                                % (nginx.describe(), args.nginx_workers),
                     }))
         print_block("result", [
             "rate: %.0f traces/s (%d rows in %.2f s, first due -> last delivered_at)"
@@ -96,10 +89,12 @@ def main():
             "queue: %s" % fmt_counts(counts),
             "requests at nginx: %d (%d distinct Idempotency-Keys, %d not 200)"
             % (len(reqs), len(set(keys)), non200),
+            "protocol at nginx: %s; %d connections"
+            % (", ".join("%s %d" % kv for kv in sorted(protocols.items())), connections),
             "worker CPU: %.1f s in all, %.0f us per delivery" % (cpu, cpu * 1e6 / total),
-            "worker sockets: max %d while draining" % max(socks),
+            "worker sockets: max %d while draining" % drain.sampler.peak_sockets,
             "worker RSS: %d kB before, max %d kB while draining"
-            % (max(rss0.values()), max(rss)),
+            % (max(rss0.values()), drain.sampler.peak_rss_kb),
         ] + ["last_error: %s (%d rows)" % e for e in last_error_sample(cur)])
         conn.close()
     finally:

@@ -43,15 +43,10 @@ import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 
-from benchlib import (DB, cmd_output, conditions, cpu_seconds, print_block, start_cluster)
-from cluster import PG_BINDIR
-
-# The application's close; {id} is the trade id (a pgbench variable, a
-# query parameter or a plpgsql variable).
-CLOSE = ("UPDATE trades SET status = 'CLOSED', exit_price = 1.0912, closed_at = now(), "
-         "pnl = 42.10, fees = 1.25 WHERE trade_id = {id}")
+from benchlib import (CLOSE, DB, PG_BINDIR, conditions, cpu_seconds, fill_trade_store, pgbench,
+                      pgbench_script, pgbench_version, print_block, reset_trade_store,
+                      start_cluster)
 
 SCRIPT = "\\set id random(1, :ntrades)\n" + CLOSE.format(id=":id") + ";\n"
 
@@ -95,30 +90,7 @@ BEGIN
 END $$""" % {"close_i": CLOSE.format(id="i"), "close_tid": CLOSE.format(id="tid")}
 
 
-def reset(cluster):
-    cluster.psql(dbname=DB, sql="""
-        UPDATE trades SET status = 'OPEN', exit_price = NULL, closed_at = NULL,
-                          pnl = NULL, fees = NULL WHERE status <> 'OPEN';
-        DELETE FROM trades WHERE trade_id >= 100000000;
-        TRUNCATE trace.trace_queue;""")
-    cluster.psql(dbname=DB, sql="VACUUM ANALYZE trades")
-    cluster.psql(dbname=DB, sql="VACUUM ANALYZE trace.trace_queue")
-    cluster.psql(dbname=DB, sql="CHECKPOINT")
-
-
-def pgbench(cluster, script, ntrades, seconds):
-    cmd = [os.path.join(PG_BINDIR, "pgbench"), "-n", "-M", "prepared", "-c", "2", "-j", "2",
-           "-T", str(seconds), "-P", "10", "-f", script, "-D", "ntrades=%d" % ntrades,
-           "-h", cluster.sockdir, "-p", str(cluster.port), "-U", "postgres", DB]
-    if os.geteuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--"] + cmd
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = p.stdout.decode()
-    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
-    progress = [float(x) for x in re.findall(r"progress: [\d.]+ s, ([\d.]+) tps", out)]
-    if not m:
-        raise RuntimeError("pgbench failed:\n" + out)
-    return float(m.group(1)), progress
+reset = reset_trade_store
 
 
 def memory_over_closes(cluster, first_id, n):
@@ -248,21 +220,11 @@ def main():
                              "trace.webhook_endpoint": "http://127.0.0.1:9/unused"},
                             "trace_bench_trigger",
                             pg_settings={"shared_buffers": "512MB", "max_wal_size": "4GB"})
-    script = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
-    script.write(SCRIPT)
-    script.close()
-    os.chmod(script.name, 0o644)
+    script = pgbench_script(SCRIPT)
     try:
         # N open trades, all of opted-in users, on signal 10 whose adapters
         # are myfxbook, webhook and file (two of them enabled).
-        cluster.psql(dbname=DB, sql="""
-            UPDATE users SET tracing_enabled = true;
-            DELETE FROM trades;
-            INSERT INTO trades (trade_id, user_id, signal_id, account_number, client_id,
-                                instrument, side, volume, entry_price, opened_at)
-            SELECT g, 1 + g %% 3, 10, 'ACC-' || g, 'CL-' || g, 'EURUSD', 'buy',
-                   1.5, 1.0842, now()
-              FROM generate_series(1, %d) g;""" % args.trades)
+        fill_trade_store(cluster, args.trades)
         cluster.psql(dbname=DB, sql=PROCEDURES)
         runs = {"without": [], "with": []}
         for r in range(args.rounds):
@@ -271,8 +233,8 @@ def main():
                 cluster.psql(dbname=DB, sql="SELECT trace.%s('trades')"
                              % ("attach" if variant == "with" else "detach"))
                 reset(cluster)
-                tps, progress = pgbench(cluster, script.name, args.trades, args.seconds)
-                runs[variant].append((tps, progress))
+                r = pgbench(cluster, script, args.seconds, defines={"ntrades": args.trades})
+                runs[variant].append((r.tps, r.progress))
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
         reset(cluster)
         before, after, queued = memory_over_closes(cluster, 1, 50000)
@@ -289,8 +251,7 @@ def main():
         print_block("trigger overhead: pgbench close workload, with and without trace_ext",
                     conditions(cluster, {
                         "pgbench": "%s; -n -M prepared -c 2 -j 2 -T %d, random trade of %d"
-                                   % (cmd_output([os.path.join(PG_BINDIR, "pgbench"),
-                                                  "--version"]), args.seconds, args.trades),
+                                   % (pgbench_version(), args.seconds, args.trades),
                         "trace_ext": "attached via trace.attach(); opted-in users; signal with "
                                      "myfxbook+webhook; trace.delay default (rows wait, "
                                      "the worker sends nothing during the runs)",
@@ -330,7 +291,7 @@ def main():
                      % (before[0], after[0], before[1], after[1]))
         print_block("result", lines)
     finally:
-        os.unlink(script.name)
+        os.unlink(script)
         cluster.destroy()
 
 

@@ -1,0 +1,196 @@
+#!/usr/bin/python3
+"""Benchmark, steady state: the platform's close throughput while the
+worker is delivering.
+
+pgbench closes trades (2 clients, 2 threads, -M prepared) on a signal with
+two trackers (signal 10 lists myfxbook, webhook and file;
+trace.enabled_adapters = 'myfxbook,webhook', both pointed at a loopback
+nginx, trace.delay = 0), with trace_ext
+  attached  triggers on trades (trace.attach): each close queues two rows,
+            and the worker delivers them while pgbench runs;
+  detached  no triggers (trace.detach): closes queue nothing, the worker
+            sleeps.
+Runs alternate, ROUNDS times (default 3) S seconds each (default 15): a
+round is detached/attached, the next attached/detached, and so on, so that
+a drift of the disk's fsync latency favours neither side.
+
+Every run does the same work: it starts from the same state (every trade
+open, the queue empty, VACUUM, CHECKPOINT, the worker paused meanwhile)
+and each pgbench client closes its own sequence of open trades, client c
+closing trades c+1, c+1+C, c+1+2C, ... (C clients), so every close is a
+first close (a re-close would not fire the trigger) and both modes close
+the same trades in the same order.  The store holds --trades open trades
+(default 200,000); a run that would need more says so.
+
+Prints each run's TPS (and per 5 s), each round's ratio attached/detached
+and their median; for attached runs also the rows delivered during the run
+per second, the backlog when pgbench ended (pending rows, and rows in
+flight), the close -> delivered lag of the rows delivered during the run,
+and the worker's CPU seconds per delivery.
+
+Usage (as root, after make install; PG_BINDIR=... for a private copy):
+    bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
+                          [--workers W] [--batch B] [--trades N]
+A benchmark, not a test: it asserts nothing.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store,
+                      percentile, pgbench, pgbench_script, pgbench_version, print_block,
+                      reset_trade_store, start_cluster, wait_until, worker_pids)
+
+# Client c (0-based :client_id) closes trades c+1, c+1+C, ... (pgbench keeps
+# a client's variables from one transaction to the next; k starts at 0).
+SCRIPT = ("\\set k :k + 1\n"
+          "\\set id (:k - 1) * :clients + :client_id + 1\n"
+          + CLOSE.format(id=":id") + ";\n")
+
+
+def prepare_run(cluster, attached):
+    """The same starting state for every run: pause the worker, reset the
+    store (every trade open, the queue empty, VACUUM, CHECKPOINT), resume,
+    then attach or detach the triggers."""
+    cluster.alter_system({"trace.paused": True})
+    conn = cluster.connect(DB)
+    cur = conn.cursor()
+    wait_until(lambda: _none_in_flight(cur), 60)
+    cur.execute("SELECT trace.detach('trades')")
+    conn.close()
+    reset_trade_store(cluster)
+    cluster.alter_system({"trace.paused": None})
+    if attached:
+        cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
+
+
+def _none_in_flight(cur):
+    cur.execute("SELECT count(*) = 0 FROM trace.trace_queue WHERE status = 'sending'")
+    return cur.fetchone()[0]
+
+
+def run(cluster, cur, pids, script, args, attached):
+    prepare_run(cluster, attached)
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    t0 = time.time()
+    r = pgbench(cluster, script, args.seconds, clients=args.clients,
+                defines={"k": 0, "clients": args.clients}, progress=5)
+    t1 = time.time()
+    cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    # At once, while the worker goes on: the backlog as pgbench ended.
+    cur.execute("SELECT count(*) FILTER (WHERE status = 'pending'), "
+                "       count(*) FILTER (WHERE status = 'sending'), "
+                "       count(*) FILTER (WHERE status = 'delivered' "
+                "                        AND delivered_at <= to_timestamp(%s)), "
+                "       count(*) "
+                "  FROM trace.trace_queue", (t1,))
+    pending, sending, delivered, queued = cur.fetchone()
+    cur.execute("SELECT extract(epoch FROM delivered_at - created_at) * 1000 "
+                "  FROM trace.trace_queue WHERE status = 'delivered' "
+                "   AND delivered_at <= to_timestamp(%s)", (t1,))
+    lag = [float(x) for (x,) in cur.fetchall()]
+    cur.execute("SELECT count(*) FROM trades WHERE status = 'CLOSED'")
+    closed = cur.fetchone()[0]
+    return {"tps": r.tps, "progress": r.progress, "transactions": r.transactions,
+            "closed": closed, "seconds": t1 - t0, "cpu": cpu, "pending": pending,
+            "sending": sending, "delivered": delivered, "queued": queued, "lag": lag}
+
+
+def describe(mode, i, x):
+    line = "%-8s run %d: %.0f TPS (%d closes, %d trades closed); per 5 s: %s" % (
+        mode, i + 1, x["tps"], x["transactions"], x["closed"],
+        " ".join("%.0f" % v for v in x["progress"]))
+    if x["transactions"] > x["closed"]:
+        line += "; RAN OUT: %d closes found no open trade, raise --trades" % (
+            x["transactions"] - x["closed"])
+    lines = [line]
+    if mode == "attached":
+        lines.append(
+            "           queued %d rows; delivered during the run %d = %.0f/s; backlog when "
+            "pgbench ended: %d pending, %d in flight; lag close -> delivered p50 %.0f ms, "
+            "p99 %.0f ms; worker CPU %.1f s = %.0f us per delivery"
+            % (x["queued"], x["delivered"], x["delivered"] / x["seconds"], x["pending"],
+               x["sending"], percentile(x["lag"], 50), percentile(x["lag"], 99), x["cpu"],
+               x["cpu"] * 1e6 / max(1, x["delivered"])))
+    else:
+        lines.append("           queued %d rows; worker CPU %.2f s" % (x["queued"], x["cpu"]))
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="trace.workers")
+    ap.add_argument("--batch", type=int, default=None, help="trace.batch_size")
+    ap.add_argument("--trades", type=int, default=200000, help="open trades in the store")
+    args = ap.parse_args()
+
+    nginx = Nginx(log=False).start()
+    settings = {"trace.enabled_adapters": "myfxbook,webhook",
+                "trace.myfxbook_webhook_url": nginx.url("/myfxbook"),
+                "trace.webhook_endpoint": nginx.url("/webhook"),
+                "trace.delay": "0",
+                "trace.workers": args.workers}
+    if args.batch:
+        settings["trace.batch_size"] = args.batch
+    cluster = start_cluster(settings, "trace_bench_steady",
+                            pg_settings={"shared_buffers": "512MB", "max_wal_size": "4GB"})
+    script = pgbench_script(SCRIPT)
+    try:
+        fill_trade_store(cluster, args.trades)
+        conn = cluster.connect(DB)
+        cur = conn.cursor()
+        pids = wait_until(lambda: worker_pids(cur), 20)
+        runs = {"detached": [], "attached": []}
+        for i in range(args.rounds):
+            order = ("detached", "attached") if i % 2 == 0 else ("attached", "detached")
+            for mode in order:
+                runs[mode].append(run(cluster, cur, pids, script, args, mode == "attached"))
+
+        print_block("steady state: pgbench closes while the worker delivers, trace_ext "
+                    "attached vs detached",
+                    conditions(cluster, {
+                        "pgbench": "%s; -n -M prepared -c %d -j %d -T %d; each client closes "
+                                   "its own sequence of open trades (first closes only), the "
+                                   "same trades in every run"
+                                   % (pgbench_version(), args.clients, args.clients,
+                                      args.seconds),
+                        "store": "%d open trades of opted-in users on signal 10 "
+                                 "(myfxbook, webhook, file); reset before every run"
+                                 % args.trades,
+                        "trackers": "myfxbook + webhook enabled, both to %s" % nginx.describe(),
+                        "server": "shared_buffers 512MB, max_wal_size 4GB, otherwise defaults",
+                    }))
+        lines = []
+        for mode in ("detached", "attached"):
+            for i, x in enumerate(runs[mode]):
+                lines += describe(mode, i, x)
+        ratios = [a["tps"] / d["tps"] for a, d in zip(runs["attached"], runs["detached"])]
+        med = {m: statistics.median(x["tps"] for x in runs[m]) for m in runs}
+        lines.append("per round (attached / detached, back to back): %s; median %.1f %%"
+                     % (" ".join("%.1f%%" % (100 * r) for r in ratios),
+                        100 * statistics.median(ratios)))
+        lines.append("median TPS: %.0f detached, %.0f attached (%.1f %%)"
+                     % (med["detached"], med["attached"],
+                        100 * med["attached"] / med["detached"]))
+        att = runs["attached"]
+        lines.append("attached runs: deliveries/s %s; backlog at the end %s pending; "
+                     "worker CPU per delivery %s us"
+                     % (" ".join("%.0f" % (x["delivered"] / x["seconds"]) for x in att),
+                        " ".join("%d" % x["pending"] for x in att),
+                        " ".join("%.0f" % (x["cpu"] * 1e6 / max(1, x["delivered"]))
+                                 for x in att)))
+        print_block("result", lines)
+        conn.close()
+    finally:
+        os.unlink(script)
+        cluster.destroy()
+        nginx.stop()
+
+
+if __name__ == "__main__":
+    main()
