@@ -126,11 +126,14 @@ class _LimitedCluster(Cluster):
         return cmd[:i] + ["prlimit", "--nofile=%d:" % self.nofile, "--"] + cmd[i:]
 
 
-def start_cluster(settings, name, preload_extra=None, pg_settings=None, nofile=None):
+def start_cluster(settings, name, preload_extra=None, pg_settings=None, nofile=None,
+                  server_env=None):
     """A cluster with trace_ext preloaded (plus preload_extra), database
     `trades` with the reference trade store and the extension; fsync,
     synchronous_commit and full_page_writes on.  nofile: the server's soft
-    limit on open files (default: what runuser gives, 1024 here)."""
+    limit on open files (default: what runuser gives, 1024 here).
+    server_env: extra environment of the server (e.g. from
+    curl_maxconnects_env())."""
     # Durable, as in production (the test clusters turn these off for speed).
     conf = {"trace.database": DB, "fsync": True, "synchronous_commit": True,
             "full_page_writes": True}
@@ -139,9 +142,9 @@ def start_cluster(settings, name, preload_extra=None, pg_settings=None, nofile=N
     if preload_extra:
         conf["shared_preload_libraries"] = ",".join(["trace_ext"] + preload_extra)
     if nofile:
-        cluster = _LimitedCluster(nofile, name=name, settings=conf)
+        cluster = _LimitedCluster(nofile, name=name, settings=conf, server_env=server_env)
     else:
-        cluster = Cluster(name=name, settings=conf)
+        cluster = Cluster(name=name, settings=conf, server_env=server_env)
     cluster.init()
     cluster.start(overrides={"shared_preload_libraries": "''"})
     cluster.create_database(DB)
@@ -156,6 +159,22 @@ def start_cluster(settings, name, preload_extra=None, pg_settings=None, nofile=N
         cur.execute("CREATE EXTENSION pg_stat_statements")
     conn.close()
     return cluster
+
+
+def curl_maxconnects_env(n):
+    """The server environment that preloads bench/curl_maxconnects_shim.c
+    (built here with cc into a temp dir), so that the workers' libcurl
+    multi handle gets CURLMOPT_MAXCONNECTS = n.  A diagnostic: trace_ext
+    itself leaves libcurl's default (4 x the transfers in the multi
+    handle)."""
+    d = tempfile.mkdtemp(prefix="trace_bench_shim_")
+    os.chmod(d, 0o755)
+    lib = os.path.join(d, "curl_maxconnects_shim.so")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", lib,
+                    str(REPO / "bench" / "curl_maxconnects_shim.c"), "-ldl", "-lcurl"],
+                   check=True)
+    os.chmod(lib, 0o755)
+    return {"LD_PRELOAD": lib, "BENCH_CURL_MAXCONNECTS": str(n)}
 
 
 def add_open_trades(cur, first_id, n, signal_id=10, users=(1, 3)):

@@ -16,7 +16,8 @@ the ceiling is batch_size x workers / D: 1,000/s at batch 100 and 100 ms.
 Prints the rate, the requests in flight allowed, the workers' peak open
 TCP sockets (and their states), RSS and CPU per delivery, the queue's
 outcome (delivered, failed), deliveries per second (stalls show as
-seconds with few), what the sink saw (connections opened and who closed
+seconds with few), the webhook breaker's state and the requests in flight
+(trace.tracker_health, trace.worker_status) at each look, what the sink saw (connections opened and who closed
 them, peak open), the kernel's TCP counters over the drain (system-wide:
 SYN retransmits, listen queue overflows), and the workers' open-files
 limit.  --syscalls counts the workers' socket, connect, close and epoll
@@ -26,14 +27,16 @@ calls that failed other than EINPROGRESS counted apart).
 Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/far_tracker.py [--delay-ms D] [--batch B] [--workers W] [--n N]
                          [--set trace.NAME=VALUE ...] [--sink-test]
-                         [--sink-backlog K] [--nofile F] [--syscalls] [--perf FILE]
+                         [--sink-backlog K] [--nofile F] [--curl-maxconnects N]
+                         [--syscalls] [--perf FILE]
 e.g. the two runs of issue 16:
     bench/far_tracker.py --batch 100 --sink-test
     bench/far_tracker.py --batch 1000 --sink-test --syscalls
 --nofile starts the server with that soft limit on open files (prlimit;
-runuser gives 1024 here, and every socket of a worker is a file), and
---sink-backlog sets the sink's listen backlog: to test what limits a
-large batch.
+runuser gives 1024 here, and every socket of a worker is a file),
+--sink-backlog sets the sink's listen backlog, and --curl-maxconnects
+preloads bench/curl_maxconnects_shim.c (libcurl's connection cache size):
+to test what limits a large batch.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -44,10 +47,10 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import (DB, Drain, PerfRecord, SlowSink, conditions, cpu_seconds, fmt_counts,
-                      last_error_sample, open_files_limit, print_block, queue_counts,
-                      queue_rows_held_back, rss_kb, slow_sink_load, start_cluster,
-                      tcp_counters, wait_until, worker_pids)
+from benchlib import (DB, Drain, PerfRecord, SlowSink, conditions, cpu_seconds,
+                      curl_maxconnects_env, fmt_counts, last_error_sample, open_files_limit,
+                      print_block, queue_counts, queue_rows_held_back, rss_kb, slow_sink_load,
+                      start_cluster, tcp_counters, wait_until, worker_pids)
 
 # Kernel TCP counters worth a look when connections stall.
 TCP_COUNTERS = ("ActiveOpens", "PassiveOpens", "AttemptFails", "EstabResets", "RetransSegs",
@@ -151,6 +154,9 @@ def main():
                     help="the sink's listen backlog (node's default 511)")
     ap.add_argument("--nofile", type=int, default=None,
                     help="start the server with this soft open-files limit (prlimit)")
+    ap.add_argument("--curl-maxconnects", type=int, metavar="N",
+                    help="diagnostic: preload bench/curl_maxconnects_shim.c so that the "
+                         "workers' libcurl keeps up to N idle connections")
     ap.add_argument("--perf", metavar="FILE", help="perf record the first worker into FILE")
     ap.add_argument("--syscalls", action="store_true",
                     help="count the workers' system calls with perf stat")
@@ -176,7 +182,10 @@ def main():
             "trace.batch_size": args.batch,
         }
         settings.update(extra)
-        cluster = start_cluster(settings, "trace_bench_far", nofile=args.nofile)
+        server_env = (curl_maxconnects_env(args.curl_maxconnects) if args.curl_maxconnects
+                      else None)
+        cluster = start_cluster(settings, "trace_bench_far", nofile=args.nofile,
+                                server_env=server_env)
         conn = cluster.connect(DB)
         cur = conn.cursor()
         closed, t_close = queue_rows_held_back(cur, args.n, signal_id=11)
@@ -211,6 +220,10 @@ def main():
                                 % (closed, t_close),
                         "sink": sink.describe(),
                         "somaxconn": open("/proc/sys/net/core/somaxconn").read().strip(),
+                        "libcurl connection cache": (
+                            "CURLMOPT_MAXCONNECTS = %d (preloaded diagnostic shim)"
+                            % args.curl_maxconnects if args.curl_maxconnects
+                            else "libcurl's default (trace_ext sets no CURLMOPT_MAXCONNECTS)"),
                         "workers' open-files limit (soft, hard)": ", ".join(
                             str(limits[p]) for p in pids),
                     }))
@@ -255,8 +268,9 @@ def main():
                    sink_stats["peak_in_progress"]),
                 "sink: CPU %.1f s over the drain (%.0f %% of one core)"
                 % (sink_cpu, 100 * sink_cpu / max(drain.elapsed, 0.001)),
-                "sink: connections opened per second: %s"
-                % series(sink_stats["opened_per_second"][max(0, offset):]),
+                "sink: connections opened per second: %s; closed per second: %s"
+                % (series(sink_stats["opened_per_second"][max(0, offset):]),
+                   series(sink_stats["closed_per_second"][max(0, offset):])),
             ]
         lines.append("kernel TCP counters over the drain (system-wide): " + ", ".join(
             "%s +%d" % (k, counters1.get(k, 0) - counters0.get(k, 0)) for k in TCP_COUNTERS))

@@ -3,7 +3,7 @@
 // keep-alive, and counts what it saw: requests, connections opened, who
 // closed each connection (the client's FIN first, or an error), the most
 // connections open at once, and per second the requests answered and the
-// connections opened.  Also a load generator, to measure what the sink
+// connections opened and closed.  Also a load generator, to measure what the sink
 // itself can serve.  Only node's http module; binds 127.0.0.1 only.
 //
 //   node slow_sink.js serve --delay-ms 100 [--port 0] [--backlog 511]
@@ -33,7 +33,7 @@ function serve() {
         t0_ms: t0, delay_ms: delay, backlog: backlog, requests: 0, connections: 0,
         open: 0, peak_open: 0, in_progress: 0, peak_in_progress: 0,
         closed_by_client: 0, closed_by_sink: 0, closed_with_error: 0,
-        answered_per_second: [], opened_per_second: [],
+        answered_per_second: [], opened_per_second: [], closed_per_second: [],
     };
 
     const server = http.createServer((req, res) => {
@@ -63,6 +63,7 @@ function serve() {
         sock.on('error', () => { failed = true; });
         sock.on('close', () => {
             stats.open--;
+            bump(stats.closed_per_second, second());
             if (failed)
                 stats.closed_with_error++;
             else if (clientEnded)

@@ -12,7 +12,10 @@ nginx, trace.delay = 0), with trace_ext
             sleeps.
 Runs alternate, ROUNDS times (default 3) S seconds each (default 15): a
 round is detached/attached, the next attached/detached, and so on, so that
-a drift of the disk's fsync latency favours neither side.
+a drift of the disk's fsync latency favours neither side.  With --paused a
+third run per round is attached with trace.paused on (closes queue their
+rows, the worker sends nothing), which tells the trigger's share of the
+cost from the concurrent delivery's.
 
 Every run does the same work: it starts from the same state (every trade
 open, the queue empty, VACUUM, CHECKPOINT, the worker paused meanwhile)
@@ -30,7 +33,7 @@ and the worker's CPU seconds per delivery.
 
 Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
-                          [--workers W] [--batch B] [--trades N]
+                          [--workers W] [--batch B] [--trades N] [--paused]
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -39,9 +42,9 @@ import os
 import statistics
 import time
 
-from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store,
-                      percentile, pgbench, pgbench_script, pgbench_version, print_block,
-                      reset_trade_store, start_cluster, wait_until, worker_pids)
+from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store, percentile,
+                      pgbench, pgbench_script, pgbench_version, print_block, reset_trade_store,
+                      start_cluster, wait_until, worker_pids)
 
 # Client c (0-based :client_id) closes trades c+1, c+1+C, ... (pgbench keeps
 # a client's variables from one transaction to the next; k starts at 0).
@@ -50,10 +53,11 @@ SCRIPT = ("\\set k :k + 1\n"
           + CLOSE.format(id=":id") + ";\n")
 
 
-def prepare_run(cluster, attached):
+def prepare_run(cluster, mode):
     """The same starting state for every run: pause the worker, reset the
-    store (every trade open, the queue empty, VACUUM, CHECKPOINT), resume,
-    then attach or detach the triggers."""
+    store (every trade open, the queue empty, VACUUM, CHECKPOINT), resume
+    it (unless mode is "paused"), then attach the triggers (unless mode is
+    "detached")."""
     cluster.alter_system({"trace.paused": True})
     conn = cluster.connect(DB)
     cur = conn.cursor()
@@ -61,8 +65,9 @@ def prepare_run(cluster, attached):
     cur.execute("SELECT trace.detach('trades')")
     conn.close()
     reset_trade_store(cluster)
-    cluster.alter_system({"trace.paused": None})
-    if attached:
+    if mode != "paused":
+        cluster.alter_system({"trace.paused": None})
+    if mode != "detached":
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
 
@@ -71,8 +76,8 @@ def _none_in_flight(cur):
     return cur.fetchone()[0]
 
 
-def run(cluster, cur, pids, script, args, attached):
-    prepare_run(cluster, attached)
+def run(cluster, cur, pids, script, args, mode):
+    prepare_run(cluster, mode)
     cpu0 = sum(cpu_seconds(p) for p in pids)
     t0 = time.time()
     r = pgbench(cluster, script, args.seconds, clients=args.clients,
@@ -127,6 +132,8 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="trace.workers")
     ap.add_argument("--batch", type=int, default=None, help="trace.batch_size")
     ap.add_argument("--trades", type=int, default=200000, help="open trades in the store")
+    ap.add_argument("--paused", action="store_true",
+                    help="also run attached with the worker paused (the trigger alone)")
     args = ap.parse_args()
 
     nginx = Nginx(log=False).start()
@@ -145,11 +152,12 @@ def main():
         conn = cluster.connect(DB)
         cur = conn.cursor()
         pids = wait_until(lambda: worker_pids(cur), 20)
-        runs = {"detached": [], "attached": []}
+        modes = ["detached", "attached"] + (["paused"] if args.paused else [])
+        runs = {m: [] for m in modes}
         for i in range(args.rounds):
-            order = ("detached", "attached") if i % 2 == 0 else ("attached", "detached")
-            for mode in order:
-                runs[mode].append(run(cluster, cur, pids, script, args, mode == "attached"))
+            for mode in (modes if i % 2 == 0 else modes[::-1]):
+                runs[mode].append(run(cluster, cur, pids, script, args, mode))
+        cluster.alter_system({"trace.paused": None})
 
         print_block("steady state: pgbench closes while the worker delivers, trace_ext "
                     "attached vs detached",
@@ -166,7 +174,7 @@ def main():
                         "server": "shared_buffers 512MB, max_wal_size 4GB, otherwise defaults",
                     }))
         lines = []
-        for mode in ("detached", "attached"):
+        for mode in modes:
             for i, x in enumerate(runs[mode]):
                 lines += describe(mode, i, x)
         ratios = [a["tps"] / d["tps"] for a, d in zip(runs["attached"], runs["detached"])]
@@ -177,6 +185,12 @@ def main():
         lines.append("median TPS: %.0f detached, %.0f attached (%.1f %%)"
                      % (med["detached"], med["attached"],
                         100 * med["attached"] / med["detached"]))
+        if args.paused:
+            pr = [p["tps"] / d["tps"] for p, d in zip(runs["paused"], runs["detached"])]
+            lines.append("attached, worker paused / detached, per round: %s; median %.1f %% "
+                         "(the trigger alone)"
+                         % (" ".join("%.1f%%" % (100 * r) for r in pr),
+                            100 * statistics.median(pr)))
         att = runs["attached"]
         lines.append("attached runs: deliveries/s %s; backlog at the end %s pending; "
                      "worker CPU per delivery %s us"

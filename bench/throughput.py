@@ -18,7 +18,11 @@ for each request and the number of connections it saw are printed.
 
 Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/throughput.py [N] [--workers W] [--batch B] [--nginx-workers K]
-                        [--tls | --http2] [--perf FILE]
+                        [--tls | --http2] [--perf FILE] [--curl-maxconnects N]
+--curl-maxconnects N (a diagnostic) preloads bench/curl_maxconnects_shim.c
+into the server so that the workers' libcurl keeps up to N idle
+connections (CURLMOPT_MAXCONNECTS), to compare the connections opened, and
+the rate, with libcurl's default cache that trace_ext leaves in place.
 To compare plain HTTP with HTTPS, alternate the runs:
     for i in 1 2; do bench/throughput.py 100000; bench/throughput.py 100000 --tls; done
 A benchmark, not a test: it asserts nothing.
@@ -26,9 +30,9 @@ A benchmark, not a test: it asserts nothing.
 
 import argparse
 
-from benchlib import (DB, Drain, Nginx, PerfRecord, conditions, fmt_counts, last_error_sample,
-                      print_block, queue_counts, queue_rows_held_back, rss_kb, start_cluster,
-                      wait_until, worker_pids)
+from benchlib import (DB, Drain, Nginx, PerfRecord, conditions, curl_maxconnects_env,
+                      fmt_counts, last_error_sample, print_block, queue_counts,
+                      queue_rows_held_back, rss_kb, start_cluster, wait_until, worker_pids)
 
 
 def main():
@@ -41,6 +45,9 @@ def main():
     ap.add_argument("--tls", action="store_true", help="HTTPS (a throwaway CA, trace.ca_file)")
     ap.add_argument("--http2", action="store_true",
                     help="HTTPS, and nginx offers HTTP/2 (implies --tls)")
+    ap.add_argument("--curl-maxconnects", type=int, metavar="N",
+                    help="diagnostic: preload bench/curl_maxconnects_shim.c so that the "
+                         "workers' libcurl keeps up to N idle connections")
     args = ap.parse_args()
 
     nginx = Nginx(workers=args.nginx_workers, tls=args.tls, http2=args.http2).start()
@@ -54,7 +61,8 @@ def main():
         settings["trace.ca_file"] = nginx.ca_file
     if args.batch:
         settings["trace.batch_size"] = args.batch
-    cluster = start_cluster(settings, "trace_bench_throughput")
+    server_env = curl_maxconnects_env(args.curl_maxconnects) if args.curl_maxconnects else None
+    cluster = start_cluster(settings, "trace_bench_throughput", server_env=server_env)
     try:
         conn = cluster.connect(DB)
         cur = conn.cursor()
@@ -82,6 +90,10 @@ def main():
                                 % (closed, t_close),
                         "sink": "%s, %d worker process(es)"
                                 % (nginx.describe(), args.nginx_workers),
+                        "libcurl connection cache": (
+                            "CURLMOPT_MAXCONNECTS = %d (preloaded diagnostic shim)"
+                            % args.curl_maxconnects if args.curl_maxconnects
+                            else "libcurl's default (trace_ext sets no CURLMOPT_MAXCONNECTS)"),
                     }))
         print_block("result", [
             "rate: %.0f traces/s (%d rows in %.2f s, first due -> last delivered_at)"
