@@ -472,7 +472,7 @@ def tcp_counters():
 
 class ProcSampler:
     """Samples processes in a background thread, every `every` seconds:
-    their socket fds (the sum over the processes, and the most one held),
+    their socket fds (the sum over the processes, and the most any one held),
     their RSS; with states_every, also the states of their TCP sockets
     (dearer: it reads /proc/net/tcp).  Keeps the peaks."""
 

@@ -19,8 +19,9 @@ outcome (delivered, failed), deliveries per second (stalls show as
 seconds with few), the webhook breaker's state and the requests in flight
 (trace.tracker_health, trace.worker_status) at each look, what the sink saw (connections opened and who closed
 them, peak open), the kernel's TCP counters over the drain (system-wide:
-SYN retransmits, listen queue overflows), and the workers' open-files
-limit.  --syscalls counts the workers' socket, connect, close and epoll
+SYN retransmits, listen queue overflows), the WAL syncs (each claim's and
+each record's commit waits for one; track_wal_io_timing is on), and the
+workers' open-files limit.  --syscalls counts the workers' socket, connect, close and epoll
 system calls with perf (tracepoints; failed socket() calls and connect()
 calls that failed other than EINPROGRESS counted apart).
 
@@ -99,6 +100,13 @@ class SyscallCounter:
                     counts[name] = int(parts[0]) if parts[0].isdigit() else parts[0]
         os.unlink(self.out)
         return counts
+
+
+def wal_syncs(cur):
+    """(WAL syncs, milliseconds spent in them) so far, all processes."""
+    cur.execute("SELECT wal_sync, wal_sync_time FROM pg_stat_wal")
+    n, ms = cur.fetchone()
+    return int(n), float(ms)
 
 
 def guc_pairs(values):
@@ -185,7 +193,8 @@ def main():
         server_env = (curl_maxconnects_env(args.curl_maxconnects) if args.curl_maxconnects
                       else None)
         cluster = start_cluster(settings, "trace_bench_far", nofile=args.nofile,
-                                server_env=server_env)
+                                server_env=server_env,
+                                pg_settings={"track_wal_io_timing": True})
         conn = cluster.connect(DB)
         cur = conn.cursor()
         closed, t_close = queue_rows_held_back(cur, args.n, signal_id=11)
@@ -193,6 +202,7 @@ def main():
         limits = {p: open_files_limit(p) for p in pids}
         rss0 = max(rss_kb(p) for p in pids)
         counters0 = tcp_counters()
+        wal0 = wal_syncs(cur)
         syscalls = SyscallCounter(pids) if args.syscalls else None
         perf = PerfRecord(pids[0], args.perf) if args.perf else None
         sink_cpu0 = cpu_seconds(sink.proc.pid)
@@ -203,6 +213,8 @@ def main():
             perf.stop()
         calls = syscalls.stop() if syscalls else None
         counters1 = tcp_counters()
+        time.sleep(1.2)             # backends report their WAL statistics within a second
+        wal1 = wal_syncs(cur)
         per_second = drain.per_second()
         sink_stats = sink.stop()
         counts = queue_counts(cur)
@@ -272,6 +284,10 @@ def main():
                 % (series(sink_stats["opened_per_second"][max(0, offset):]),
                    series(sink_stats["closed_per_second"][max(0, offset):])),
             ]
+        lines.append("WAL syncs over the drain (pg_stat_wal, all processes; each commit of a "
+                     "claim or a record waits for one): %d, %.2f s in them; %.0f deliveries "
+                     "per sync" % (wal1[0] - wal0[0], (wal1[1] - wal0[1]) / 1000.0,
+                                   drain.delivered / max(1, wal1[0] - wal0[0])))
         lines.append("kernel TCP counters over the drain (system-wide): " + ", ".join(
             "%s +%d" % (k, counters1.get(k, 0) - counters0.get(k, 0)) for k in TCP_COUNTERS))
         if calls:
