@@ -11,6 +11,7 @@ $NGINX, else the one on PATH, else Debian's package unpacked into
 /tmp/nginx_root (see docs/performance.md).
 """
 
+import atexit
 import json
 import os
 import platform
@@ -168,6 +169,7 @@ def curl_maxconnects_env(n):
     itself leaves libcurl's default (4 x the transfers in the multi
     handle)."""
     d = tempfile.mkdtemp(prefix="trace_bench_shim_")
+    atexit.register(shutil.rmtree, d, True)
     os.chmod(d, 0o755)
     lib = os.path.join(d, "curl_maxconnects_shim.so")
     subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", lib,
