@@ -29,6 +29,7 @@ OBJS = \
 	src/payload.o \
 	src/outcome.o \
 	src/health.o \
+	src/lease.o \
 	src/http.o \
 	src/worker.o \
 	src/metrics.o \

@@ -5,13 +5,14 @@
  * talks to the network: the claim runs in a transaction the worker opens
  * and commits around it (trace_queue_begin/commit: the payloads are built
  * in the same one), every other function here runs one short transaction
- * of its own.  Claiming takes due rows with FOR UPDATE SKIP LOCKED
- * (workers never wait on each other) and leases them: status 'sending',
- * due_at = end of lease.  Recording is one set-based UPDATE per round
- * that only touches rows whose lease is still ours, and is run again when
- * it fails for a transient reason, so that a serialization failure or a
- * deadlock never drops outcomes (their rows would be sent again).  Must
- * only be called by a worker.
+ * of its own.  Claiming locks due rows with FOR UPDATE SKIP LOCKED
+ * (workers never wait on each other), skipping the rows other workers are
+ * sending (their leases, lease.c): it writes no new row version.
+ * Recording is the one write a delivery costs: one set-based UPDATE per
+ * round that only touches rows nobody changed since the claim (attempts
+ * and due_at as claimed), run again when it fails for a transient reason,
+ * so that a serialization failure or a deadlock never drops outcomes
+ * (their rows would be sent again).  Must only be called by a worker.
  */
 #include "postgres.h"
 
@@ -29,6 +30,7 @@
 #include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
@@ -39,13 +41,15 @@ static SPIPlanPtr cancel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 
 /*
- * The claim statement depends on the queue's columns (by_operator is new in
- * 1.3; the library must work with the objects of every older version until
- * ALTER EXTENSION UPDATE has run).  Any change to the queue table makes the
- * claim plans be prepared again, reading the columns anew.
+ * The claim statement depends on the extension's objects (by_operator is
+ * new in 1.3, trace._leased() in 1.6; the library must work with the
+ * objects of every older version until ALTER EXTENSION UPDATE has run).
+ * Any change to the queue table or to a function makes the claim plans be
+ * prepared again, reading the shape anew.
  */
 static Oid	queue_relid = InvalidOid;
 static bool queue_has_by_operator = false;
+static bool queue_has_leased_fn = false;
 static bool claim_plans_stale = false;
 static bool queue_callback_registered = false;
 
@@ -167,7 +171,9 @@ trace_extension_present(void)
 
 /*
  * A worker that starts frees the leases of workers that are gone (a crash,
- * kill -9, immediate shutdown), instead of waiting for them to expire.
+ * kill -9, immediate shutdown), instead of waiting for them to expire: in
+ * shared memory (lease.c), and rows left in 'sending' by a version before
+ * 1.6, whose claim wrote its lease into the row.
  */
 void
 trace_queue_release_orphans(void)
@@ -177,6 +183,7 @@ trace_queue_release_orphans(void)
 	Oid			argtypes[1] = {INT4ARRAYOID};
 	Datum		values[1];
 
+	trace_lease_end_orphans();
 	trace_queue_begin("trace_ext: releasing orphaned leases");
 	values[0] = PointerGetDatum(int4_array(pids, n));
 	if (SPI_execute_with_args("UPDATE trace.trace_queue SET due_at = now() "
@@ -192,26 +199,28 @@ trace_queue_release_orphans(void)
 }
 
 /*
- * The claim: due rows, oldest first, locked with SKIP LOCKED (workers never
- * wait on each other) and leased.  by_operator_expr is q.by_operator, or
- * false for a queue older than 1.3.  (e2e 08_crash and bench/scale.py run
- * this statement as written here.)
+ * The claim: due rows, oldest first, none another worker is sending (its
+ * lease: leased_expr), locked with SKIP LOCKED (workers never wait on each
+ * other).  A lock, not an update: the row is not rewritten; the lease is
+ * taken in shared memory while the lock is held (lease.c).  attempts is
+ * the attempt about to be made.  by_operator_expr is q.by_operator, or
+ * false for a queue older than 1.3; leased_expr is trace._leased(q.id), or
+ * for a queue older than 1.6 a comparison with the ids leased ($3).
+ * (e2e 08_crash and bench/scale.py run this statement as written here.)
  */
-#define CLAIM_SQL(by_operator_expr) \
-	"WITH due AS (" \
-	"  SELECT id FROM trace.trace_queue " \
-	"   WHERE status IN ('pending', 'sending') AND due_at <= now() " \
-	"     AND adapter <> ALL ($3) " \
-	"   ORDER BY due_at LIMIT $1 " \
-	"   FOR UPDATE SKIP LOCKED) " \
-	"UPDATE trace.trace_queue q " \
-	"   SET status = 'sending', attempts = q.attempts + 1, " \
-	"       due_at = now() + make_interval(secs => $2), " \
-	"       lease_owner = pg_backend_pid() " \
-	"  FROM due WHERE q.id = due.id " \
-	"RETURNING q.id, q.trade_id, q.adapter, q.attempts, " \
-	"          q.created_at, q.trade_table::oid, " \
-	by_operator_expr " AS by_operator"
+#define CLAIM_SQL(by_operator_expr, leased_expr) \
+	"SELECT q.id, q.trade_id, q.adapter, q.attempts + 1, " \
+	"       q.created_at, q.trade_table::oid, " \
+	by_operator_expr " AS by_operator, q.due_at " \
+	"  FROM trace.trace_queue q " \
+	" WHERE q.status IN ('pending', 'sending') AND q.due_at <= now() " \
+	"   AND q.adapter <> ALL ($2) " \
+	"   AND NOT " leased_expr " " \
+	" ORDER BY q.due_at LIMIT $1 " \
+	" FOR UPDATE OF q SKIP LOCKED"
+
+#define LEASED_FN	"trace._leased(q.id)"
+#define LEASED_IDS	"(q.id = ANY ($3))"
 
 static void
 queue_changed(Datum arg, Oid relid)
@@ -220,23 +229,36 @@ queue_changed(Datum arg, Oid relid)
 		claim_plans_stale = true;
 }
 
-/* Read the queue's shape: its oid, and whether it has by_operator. */
+/* A function was created, changed or dropped: trace._leased() may have. */
+static void
+functions_changed(Datum arg, int cacheid, uint32 hashvalue)
+{
+	claim_plans_stale = true;
+}
+
+/*
+ * Read the queue's shape: its oid, whether it has by_operator, and
+ * whether trace._leased() exists.
+ */
 static void
 read_queue_shape(void)
 {
 	bool		isnull;
+	HeapTuple	row;
+	TupleDesc	desc;
 
 	if (SPI_execute("SELECT 'trace.trace_queue'::pg_catalog.regclass::pg_catalog.oid, "
 					"       EXISTS (SELECT 1 FROM pg_catalog.pg_attribute "
 					"                WHERE attrelid = 'trace.trace_queue'::pg_catalog.regclass "
-					"                  AND attname = 'by_operator' AND NOT attisdropped)",
+					"                  AND attname = 'by_operator' AND NOT attisdropped), "
+					"       pg_catalog.to_regprocedure('trace._leased(bigint)') IS NOT NULL",
 					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read the queue's columns");
-	queue_relid = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
-												 SPI_tuptable->tupdesc, 1, &isnull));
-	queue_has_by_operator = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-													   SPI_tuptable->tupdesc, 2,
-													   &isnull));
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	queue_relid = DatumGetObjectId(SPI_getbinval(row, desc, 1, &isnull));
+	queue_has_by_operator = DatumGetBool(SPI_getbinval(row, desc, 2, &isnull));
+	queue_has_leased_fn = DatumGetBool(SPI_getbinval(row, desc, 3, &isnull));
 }
 
 static void
@@ -255,13 +277,14 @@ free_claim_plans(void)
 static void
 prepare_claim_plans(void)
 {
-	Oid			claim_types[3] = {INT4OID, FLOAT8OID, TEXTARRAYOID};
+	Oid			claim_types[3] = {INT4OID, TEXTARRAYOID, INT8ARRAYOID};
 	Oid			cancel_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
-	Oid			next_due_types[1] = {TEXTARRAYOID};
+	Oid			next_due_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
 
 	if (!queue_callback_registered)
 	{
 		CacheRegisterRelcacheCallback(queue_changed, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, functions_changed, (Datum) 0);
 		queue_callback_registered = true;
 	}
 	if (claim_plans_stale)
@@ -272,20 +295,53 @@ prepare_claim_plans(void)
 	if (claim_plan != NULL)
 		return;
 	read_queue_shape();
-	claim_plan = keep_plan(queue_has_by_operator ?
-						   CLAIM_SQL("q.by_operator") : CLAIM_SQL("false"),
-						   3, claim_types);
-	next_due_plan = keep_plan("SELECT min(due_at) FROM trace.trace_queue "
-							  " WHERE status IN ('pending', 'sending') "
-							  "   AND adapter <> ALL ($1)",
-							  1, next_due_types);
+	if (queue_has_leased_fn)
+		claim_plan = keep_plan(queue_has_by_operator ?
+							   CLAIM_SQL("q.by_operator", LEASED_FN) :
+							   CLAIM_SQL("false", LEASED_FN),
+							   3, claim_types);
+	else
+		claim_plan = keep_plan(queue_has_by_operator ?
+							   CLAIM_SQL("q.by_operator", LEASED_IDS) :
+							   CLAIM_SQL("false", LEASED_IDS),
+							   3, claim_types);
+	/* the earliest row not being sent */
+	next_due_plan = keep_plan(queue_has_leased_fn ?
+							  "SELECT min(q.due_at) FROM trace.trace_queue q "
+							  " WHERE q.status IN ('pending', 'sending') "
+							  "   AND q.adapter <> ALL ($1) AND NOT " LEASED_FN :
+							  "SELECT min(q.due_at) FROM trace.trace_queue q "
+							  " WHERE q.status IN ('pending', 'sending') "
+							  "   AND q.adapter <> ALL ($1) AND q.id <> ALL ($2)",
+							  2, next_due_types);
+	/* the claim's lock is held: the row is as claimed */
 	cancel_plan = keep_plan("UPDATE trace.trace_queue q "
-							"   SET status = 'cancelled', attempts = q.attempts - 1, "
+							"   SET status = 'cancelled', "
 							"       lease_owner = NULL, last_error = c.reason, "
 							"       last_http_status = NULL, due_at = now() "
 							"  FROM unnest($1, $2) AS c(id, reason) "
-							" WHERE q.id = c.id AND q.status = 'sending'",
+							" WHERE q.id = c.id AND q.status IN ('pending', 'sending')",
 							2, cancel_types);
+}
+
+/*
+ * The ids being sent, for a queue whose SQL has no trace._leased(); an
+ * empty array otherwise (the statements do not read it).
+ */
+static Datum
+leased_ids_param(void)
+{
+	int64	   *ids;
+	Datum	   *datums;
+	int			n = 0;
+
+	if (queue_has_leased_fn)
+		return PointerGetDatum(construct_empty_array(INT8OID));
+	ids = trace_lease_ids(&n);
+	datums = palloc(sizeof(Datum) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		datums[i] = Int64GetDatum(ids[i]);
+	return PointerGetDatum(construct_array_builtin(datums, n, INT8OID));
 }
 
 static void
@@ -309,6 +365,7 @@ read_claimed(TraceItem *items, int n)
 		item->created_at = DatumGetTimestampTz(SPI_getbinval(row, tt->tupdesc, 5, &isnull));
 		item->trade_table = DatumGetObjectId(SPI_getbinval(row, tt->tupdesc, 6, &isnull));
 		item->by_operator = DatumGetBool(SPI_getbinval(row, tt->tupdesc, 7, &isnull));
+		item->claimed_due = DatumGetTimestampTz(SPI_getbinval(row, tt->tupdesc, 8, &isnull));
 		item->out.retry_after = -1;
 	}
 }
@@ -352,9 +409,9 @@ trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 
 	prepare_claim_plans();
 	values[0] = Int32GetDatum(max_rows);
-	values[1] = Float8GetDatum(2.0 * trace_http_timeout_ms / 1000.0 + 5.0);
-	values[2] = PointerGetDatum(skipped_names(skip));
-	if (SPI_execute_plan(claim_plan, values, NULL, false, 0) != SPI_OK_UPDATE_RETURNING)
+	values[1] = PointerGetDatum(skipped_names(skip));
+	values[2] = leased_ids_param();
+	if (SPI_execute_plan(claim_plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not claim due rows");
 	n = (int) SPI_processed;
 
@@ -372,9 +429,10 @@ trace_queue_next_due(const bool *skip)
 {
 	bool		isnull;
 	Datum		d;
-	Datum		values[1];
+	Datum		values[2];
 
 	values[0] = PointerGetDatum(skipped_names(skip));
+	values[1] = leased_ids_param();
 	if (SPI_execute_plan(next_due_plan, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the next due time");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -384,20 +442,21 @@ trace_queue_next_due(const bool *skip)
 static void
 prepare_record_plan(void)
 {
-	Oid			types[7] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
-	INT4ARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, BOOLARRAYOID};
+	Oid			types[8] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+		INT4ARRAYOID, TEXTARRAYOID, FLOAT8ARRAYOID, BOOLARRAYOID,
+	TIMESTAMPTZARRAYOID};
 
 	if (record_plan != NULL)
 		return;
 	record_plan = keep_plan(
 							"WITH r AS ("
-							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7) "
-							"         AS r(id, attempts, status, http, err, delay, held)), "
+							"  SELECT * FROM unnest($1, $2, $3, $4, $5, $6, $7, $8) "
+							"         AS r(id, attempts, status, http, err, delay, held, due)), "
 							"upd AS ("
 							"  UPDATE trace.trace_queue q "
 							"     SET status = r.status, "
-							"         attempts = CASE WHEN r.held THEN q.attempts - 1 "
-							"                         ELSE q.attempts END, "
+							"         attempts = CASE WHEN r.held THEN q.attempts "
+							"                         ELSE r.attempts END, "
 							"         due_at = CASE WHEN r.status = 'pending' "
 							"                       THEN now() + make_interval(secs => r.delay) "
 							"                       ELSE now() END, "
@@ -408,9 +467,8 @@ prepare_record_plan(void)
 							"                           THEN q.last_error ELSE r.err END, "
 							"         lease_owner = NULL "
 							"    FROM r "
-							"   WHERE q.id = r.id AND q.status = 'sending' "
-							"     AND q.attempts = r.attempts "
-							"     AND q.lease_owner = pg_backend_pid() "
+							"   WHERE q.id = r.id AND q.status IN ('pending', 'sending') "
+							"     AND q.attempts = r.attempts - 1 AND q.due_at = r.due "
 							"  RETURNING q.id, q.trade_id, q.adapter, q.attempts, "
 							"            q.status, q.last_error) "
 							"SELECT u.trade_id, u.adapter, u.attempts, u.last_error, "
@@ -419,7 +477,7 @@ prepare_record_plan(void)
 							"           'adapter', u.adapter, 'attempts', u.attempts, "
 							"           'last_error', u.last_error)::text) "
 							"  FROM upd u WHERE u.status = 'abandoned'",
-							7, types);
+							8, types);
 }
 
 /* The abandoned rows of the record statement just run, copied into cxt. */
@@ -546,8 +604,9 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 	bool	   *error_null = palloc(sizeof(bool) * n);
 	Datum	   *delays = palloc(sizeof(Datum) * n);
 	Datum	   *held = palloc(sizeof(Datum) * n);
+	Datum	   *due = palloc(sizeof(Datum) * n);
 	double		soonest = -1;
-	Datum		values[7];
+	Datum		values[8];
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
 	MemoryContext caller = CurrentMemoryContext;
@@ -562,6 +621,7 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 		status[i] = trace_outcome_next_status(item, &delay);
 		delays[i] = Float8GetDatum(delay);
 		held[i] = BoolGetDatum(item->out.held);
+		due[i] = TimestampTzGetDatum(item->claimed_due);
 		http[i] = Int32GetDatum(item->out.http_status);
 		http_null[i] = item->out.http_status == 0;
 		errors[i] = item->out.error;
@@ -581,6 +641,8 @@ trace_queue_record(TraceItem **items, int n, List **abandoned)
 												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[6] = PointerGetDatum(construct_array(held, n, BOOLOID, sizeof(bool), true,
 												TYPALIGN_CHAR));
+	values[7] = PointerGetDatum(construct_array(due, n, TIMESTAMPTZOID, sizeof(TimestampTz),
+												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	for (int tries = 1; !record_try(values, tries, caller, abandoned); tries++)
 	{
 		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,

@@ -3,7 +3,8 @@
  *
  * Each feature keeps its own shared state, in a struct of its own file:
  * wake.c the workers' slots (pid, latch, planned wake-up, reloads),
- * metrics.c the delivery counters, health.c the trackers' breakers.  This
+ * metrics.c the delivery counters, health.c the trackers' breakers,
+ * lease.c the rows being sent.  This
  * file only asks the postmaster for the sum of their sizes and has each
  * create its part at startup.  Adding shared state is one line in `parts`
  * below.
@@ -27,6 +28,7 @@ static const ShmemPart parts[] = {
 	{trace_wake_shmem_size, trace_wake_shmem_init},
 	{trace_metrics_shmem_size, trace_metrics_shmem_init},
 	{trace_health_shmem_size, trace_health_shmem_init},
+	{trace_lease_shmem_size, trace_lease_shmem_init},
 };
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;

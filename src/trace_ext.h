@@ -89,6 +89,10 @@ typedef struct TraceItem
 	bool		by_operator;	/* queued by trace.enqueue() with explicit
 								 * adapters: the signal's list is not
 								 * consulted */
+	TimestampTz claimed_due;	/* its due_at when claimed: the record's
+								 * fence, with attempts */
+	bool		lease_lost;		/* another worker holds its lease (lease.c):
+								 * not ours to send */
 	const char *cancelled;		/* why it is not sent (a fixed text, no
 								 * personal data), or NULL */
 	char	   *payload;		/* the allowlisted JSON, or NULL */
@@ -195,6 +199,16 @@ extern void trace_worker_set_state(TraceWorkerState state);
 extern void trace_worker_note_pass(bool started);
 extern void trace_worker_note_work(int in_flight, int delivered, int failed);
 extern void trace_note_reload(void);
+
+/* ---- lease.c: the rows being sent, in shared memory ---- */
+extern Size trace_lease_shmem_size(void);
+extern void trace_lease_shmem_init(void);
+extern int	trace_lease_take(TraceItem *items, int n, TimestampTz expires);
+extern void trace_lease_end(TraceItem **items, int n);
+extern void trace_lease_end_mine(void);
+extern void trace_lease_end_orphans(void);
+extern bool trace_lease_held(int64 id);
+extern int64 *trace_lease_ids(int *n);
 
 /* ---- health.c: breakers, pauses and rate limits of the trackers ---- */
 extern int	trace_breaker_threshold;

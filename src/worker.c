@@ -21,7 +21,7 @@
  *   count    metrics.c.
  * No transaction or snapshot is open while requests are in flight.  An
  * error in a pass is logged, its transaction aborted, its transfers
- * dropped (their leases expire and they are sent again), and the worker
+ * dropped (their leases end and they are sent again), and the worker
  * carries on; SIGTERM ends it, SIGHUP reloads settings.  A worker that
  * exits is restarted by the postmaster after a second.
  */
@@ -377,6 +377,39 @@ warn_held(bool held, int64 foreign)
 }
 
 /*
+ * Lease the rows just claimed (lease.c), their locks held; the ones another
+ * worker is sending are dropped.  Returns how many are left, in items.
+ */
+static int
+lease_claimed(TraceItem *items, int n)
+{
+	TimestampTz expires = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													  2 * (int64) trace_http_timeout_ms + 5000);
+	int			kept = 0;
+
+	if (n == 0 || trace_lease_take(items, n, expires) == n)
+		return n;
+	for (int i = 0; i < n; i++)
+		if (!items[i].lease_lost)
+			items[kept++] = items[i];
+	return kept;
+}
+
+/* The cancelled rows' cancellation has committed: their leases end. */
+static void
+end_cancelled_leases(TraceItem *items, int n)
+{
+	TraceItem **cancelled = palloc(sizeof(TraceItem *) * Max(n, 1));
+	int			ncancelled = 0;
+
+	for (int i = 0; i < n; i++)
+		if (items[i].cancelled)
+			cancelled[ncancelled++] = &items[i];
+	trace_lease_end(cancelled, ncancelled);
+	pfree(cancelled);
+}
+
+/*
  * Claim: up to `slots` due rows in one short transaction, as the trackers'
  * health allows, with their payloads built from the trades as they are now
  * and the rows that may not be sent any more cancelled; then hand them to
@@ -402,6 +435,14 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 	batch->cxt = cxt;
 
 	trace_queue_begin("trace_ext: claiming due rows");
+
+	/*
+	 * The claim writes no row (cancellations aside); its locks and leases
+	 * mean nothing after a crash, which ends every lease anyway: no need to
+	 * wait for its commit to be flushed.
+	 */
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
 	if (!pass->origin_checked)
 	{
 		int64		foreign = 0;
@@ -418,6 +459,7 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 		return false;
 	}
 	n = claim_planned(&plan, slots, cxt, &items, &full);
+	n = lease_claimed(items, n);
 	if (n > 0)
 	{
 		/* payloads must outlive the transaction: built in the batch's context */
@@ -434,6 +476,7 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 		*next_due = Min(due, plan.wait_until);
 	}
 	trace_queue_commit();
+	end_cancelled_leases(items, n);
 	pass->claimed += n;
 
 	if (n == 0)
@@ -489,6 +532,7 @@ record_done(PassState *pass)
 		delivered += pass->done[i]->out.delivered ? 1 : 0;
 	}
 	retry_at = trace_queue_record(pass->done, pass->ndone, &abandoned);
+	trace_lease_end(pass->done, pass->ndone);
 	trace_outcome_log_failures(pass->done, pass->ndone);
 	warn_abandoned(abandoned);
 	trace_queue_notify(pass->notify);
@@ -609,9 +653,9 @@ run_pass(int *claimed, bool *held)
 /*
  * After an error in the worker (reported or not by the caller, as
  * `report` says): forget it, abort its transaction, and drop what a pass
- * held: transfers in flight, outcomes not recorded (their rows stay
- * leased and are sent again when the lease ends), resources an adapter
- * had registered, the pass's memory.
+ * held: transfers in flight, outcomes not recorded (their leases end, so
+ * their rows are sent again), resources an adapter had registered, the
+ * pass's memory.
  */
 static void
 recover_after_error(bool report)
@@ -625,6 +669,7 @@ recover_after_error(bool report)
 	ResourceOwnerRelease(adapter_owner, RESOURCE_RELEASE_AFTER_LOCKS, false, false);
 	CurrentResourceOwner = NULL;
 	trace_http_abort_all();
+	trace_lease_end_mine();		/* the rows dropped go again at once */
 	MemoryContextSwitchTo(TopMemoryContext);
 	FlushErrorState();
 	MemoryContextReset(worker_cxt);
@@ -928,6 +973,13 @@ connect_to_database(void)
 	pin_session_settings();
 }
 
+/* A worker that exits ends its leases: its rows can be sent at once. */
+static void
+end_leases_at_exit(int code, Datum arg)
+{
+	trace_lease_end_mine();
+}
+
 void
 trace_worker_main(Datum arg)
 {
@@ -944,6 +996,7 @@ trace_worker_main(Datum arg)
 
 	trace_is_worker = true;
 	trace_worker_slot_attach(slot);
+	before_shmem_exit(end_leases_at_exit, (Datum) 0);
 	my_slot = slot;
 	/* the first sweep at start, if sweeping is on at all */
 	next_reconcile = (my_slot == 0 && trace_reconcile_interval_s > 0) ? 0 : DT_NOEND;

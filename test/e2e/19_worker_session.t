@@ -218,7 +218,10 @@ INJECT = """
         code text;
     BEGIN
         SELECT i.code INTO code FROM public.e2e_inject i WHERE i.trade_id = NEW.trade_id;
-        IF code IS NOT NULL AND OLD.status = 'sending' AND NEW.status <> 'sending'
+        IF code IS NOT NULL AND OLD.status IN ('pending', 'sending')
+           AND NEW.status IN ('pending', 'delivered', 'abandoned')
+           AND (NEW.status, NEW.attempts, NEW.due_at)
+               IS DISTINCT FROM (OLD.status, OLD.attempts, OLD.due_at)
            AND pg_catalog.nextval('public.e2e_record_calls') = 1 THEN
             RAISE EXCEPTION 'e2e: injected failure of a record transaction'
                 USING ERRCODE = code;

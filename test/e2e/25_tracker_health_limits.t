@@ -167,8 +167,7 @@ class Sampler(threading.Thread):
 
 
 def lease_owners(cur):
-    cur.execute("SELECT lease_owner, count(*) FROM trace.trace_queue "
-                "WHERE status = 'sending' GROUP BY 1")
+    cur.execute("SELECT pid, count(*) FROM trace._leases() GROUP BY 1")
     return dict(cur.fetchall())
 
 

@@ -8,10 +8,10 @@ the row from outside races the next claim (which overwrites due_at with
 the end of a lease) and adds the reader's own lag.
 
 So the tests watch the record from inside: an AFTER UPDATE row trigger on
-the queue, created by the test in its own database, copies every row that
-leaves 'sending' (a recorded outcome: pending = retried, abandoned,
-delivered) into public.e2e_outcomes, with now() of the recording
-transaction.  due_at - recorded_at is then the delay the worker wrote, to
+the queue, created by the test in its own database, copies every recorded
+outcome (a pending or sending row that becomes pending again with another
+attempt count or due_at, abandoned or delivered; a claim writes no row)
+into public.e2e_outcomes, with now() of the recording transaction.  due_at - recorded_at is then the delay the worker wrote, to
 the microsecond, whatever the machine's load: the checks compare it with
 the rule (min(base * 6^(n-1), cap) +- 10 %, Retry-After) without any
 allowance for the test's own timing.
@@ -39,7 +39,10 @@ CREATE TABLE public.e2e_outcomes (
 CREATE FUNCTION public.e2e_outcome_recorded() RETURNS trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
-    IF OLD.status = 'sending' AND NEW.status IN ('pending', 'abandoned', 'delivered') THEN
+    IF OLD.status IN ('pending', 'sending')
+       AND NEW.status IN ('pending', 'abandoned', 'delivered')
+       AND (NEW.status, NEW.attempts, NEW.due_at)
+           IS DISTINCT FROM (OLD.status, OLD.attempts, OLD.due_at) THEN
         INSERT INTO public.e2e_outcomes (queue_id, trade_id, adapter, attempts, status,
                                          due_at, recorded_at, http, last_error)
         VALUES (NEW.id, NEW.trade_id, NEW.adapter, NEW.attempts, NEW.status,

@@ -379,10 +379,23 @@ class TraceEnv:
         return "'" + name.replace("'", "''") + "'"
 
     # -- the queue --------------------------------------------------------
+    def status_sql(self, alias=""):
+        """The SQL expression of a queue row's status as the views show it:
+        from 1.6 a row being sent stays 'pending' in the table and is
+        leased in shared memory (trace._leased()), which the views show as
+        'sending'; before 1.6 the claim wrote 'sending' into the row."""
+        q = alias + "." if alias else ""
+        if self.sql1("SELECT to_regprocedure('trace._leased(bigint)') IS NOT NULL"):
+            return ("CASE WHEN %sstatus = 'pending' AND trace._leased(%sid) THEN 'sending' "
+                    "ELSE %sstatus END" % (q, q, q))
+        return q + "status"
+
     def rows(self, trade_id):
-        """Queue rows of a trade, keyed by adapter."""
+        """Queue rows of a trade, keyed by adapter (status as the views
+        show it: status_sql())."""
         return {r["adapter"]: r for r in self.sqld(
-            "SELECT id, trade_id, adapter, status, attempts, due_at, last_error, "
+            "SELECT id, trade_id, adapter, " + self.status_sql() + " AS status, "
+            "attempts, due_at, last_error, "
             "last_http_status, delivered_at, created_at, "
             "extract(epoch FROM due_at)::float8 AS due_epoch, "
             "extract(epoch FROM created_at)::float8 AS created_epoch "
