@@ -305,14 +305,19 @@ prepare_claim_plans(void)
 							   CLAIM_SQL("q.by_operator", LEASED_IDS) :
 							   CLAIM_SQL("false", LEASED_IDS),
 							   3, claim_types);
-	/* the earliest row not being sent */
+	/*
+	 * The earliest row not being sent: an index scan in due_at order that
+	 * stops at the first (min() with a volatile filter would aggregate).
+	 */
 	next_due_plan = keep_plan(queue_has_leased_fn ?
-							  "SELECT min(q.due_at) FROM trace.trace_queue q "
+							  "SELECT q.due_at FROM trace.trace_queue q "
 							  " WHERE q.status IN ('pending', 'sending') "
-							  "   AND q.adapter <> ALL ($1) AND NOT " LEASED_FN :
-							  "SELECT min(q.due_at) FROM trace.trace_queue q "
+							  "   AND q.adapter <> ALL ($1) AND NOT " LEASED_FN
+							  " ORDER BY q.due_at LIMIT 1" :
+							  "SELECT q.due_at FROM trace.trace_queue q "
 							  " WHERE q.status IN ('pending', 'sending') "
-							  "   AND q.adapter <> ALL ($1) AND q.id <> ALL ($2)",
+							  "   AND q.adapter <> ALL ($1) AND q.id <> ALL ($2) "
+							  " ORDER BY q.due_at LIMIT 1",
 							  2, next_due_types);
 	/* the claim's lock is held: the row is as claimed */
 	cancel_plan = keep_plan("UPDATE trace.trace_queue q "
@@ -435,6 +440,8 @@ trace_queue_next_due(const bool *skip)
 	values[1] = leased_ids_param();
 	if (SPI_execute_plan(next_due_plan, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the next due time");
+	if (SPI_processed == 0)
+		return DT_NOEND;
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	return isnull ? DT_NOEND : DatumGetTimestampTz(d);
 }

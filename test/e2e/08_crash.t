@@ -578,9 +578,12 @@ try:
             t.ok(len(a) == 4 and len(b) == 4 and not a & b,
                  "session 2 got 4 other rows without waiting for session 1's open claim",
                  "s1 %r, s2 %r" % (sorted(a), sorted(b)))
-            t.is_(len(rest), 2, "... then the 2 rows nobody holds, and none of session 1's",
-                  repr(sorted(rest)))
-            t.ok(not rest & a, "(disjoint from session 1's)")
+            # Session 2's own claims committed at once (autocommit): its locks
+            # are gone, and the statement alone leases nothing (a worker's
+            # lease is in shared memory), so it may get the same rows again.
+            t.ok(len(rest) == 4 and rest <= set(range(1, 11)) - a,
+                 "... then again 4 rows, none of session 1's (still locked by its open "
+                 "transaction)", repr(sorted(rest)))
             s1.commit()
             c2.execute("SELECT id, xmin::text, status, attempts FROM trace.trace_queue")
             after = c2.fetchall()
