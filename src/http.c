@@ -22,6 +22,8 @@
  */
 #include "postgres.h"
 
+#include <sys/resource.h>
+
 #include <curl/curl.h>
 
 #include "lib/ilist.h"
@@ -136,11 +138,32 @@ on_timer(CURLM *m, long timeout_ms, void *userp)
 	return 0;
 }
 
+/*
+ * Each request in flight holds a socket, outside PostgreSQL's own count of
+ * open files (max_files_per_process).  A worker started under a soft limit
+ * of 1,024 descriptors (runuser, a systemd service without LimitNOFILE)
+ * would see socket() fail for a few hundred requests in flight, and count
+ * that as the tracker failing: raise the soft limit to the hard one.
+ */
+static void
+raise_open_files_limit(void)
+{
+	struct rlimit lim;
+
+	if (getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur >= lim.rlim_max)
+		return;
+	lim.rlim_cur = lim.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &lim) != 0)
+		ereport(LOG,
+				(errmsg("could not raise the open files limit of the worker: %m")));
+}
+
 void
 trace_http_init(void)
 {
 	if (multi != NULL)
 		return;
+	raise_open_files_limit();
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		ereport(FATAL, (errmsg("could not initialize libcurl")));
 	multi = curl_multi_init();
@@ -414,6 +437,24 @@ finish(Transfer *t, CURLcode rc)
 	nrunning--;
 	release_handle(t);
 	dlist_push_tail(&finished, &t->node);
+}
+
+/*
+ * Keep up to n idle connections open for reuse.  libcurl's default keeps
+ * four per transfer in the multi handle; a finished transfer leaves it at
+ * once, so with fewer in flight kept-alive connections would be closed and
+ * opened again (a new TLS handshake each over https).  The worker asks for
+ * its requests in flight, trace.batch_size.
+ */
+void
+trace_http_keep_connections(long n)
+{
+	static long current = -1;
+
+	if (multi == NULL || n == current)
+		return;
+	if (curl_multi_setopt(multi, CURLMOPT_MAXCONNECTS, n) == CURLM_OK)
+		current = n;
 }
 
 /* The next finished request, copied into *resp; false when none is left. */

@@ -43,6 +43,7 @@ typedef struct TraceResponse
 
 extern void trace_http_init(void);
 extern void trace_http_start(void *tag, TraceRequest *req);
+extern void trace_http_keep_connections(long n);
 extern bool trace_http_wait(int timeout_ms);
 extern bool trace_http_next(TraceResponse *resp);
 extern int	trace_http_running(void);

@@ -610,6 +610,7 @@ run_pass(int *claimed, bool *held)
 			claim_due = DT_NOEND;
 		}
 
+		trace_http_keep_connections(trace_batch_size);
 		slots = trace_batch_size - pass.inflight_total;
 		if (may_have_due && slots > 0 &&
 			(pass.inflight_total == 0 || slots >= Max(1, trace_batch_size / 2)))
