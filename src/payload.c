@@ -192,6 +192,50 @@ beside_tables_exist(Oid relid, TraceItem **items, int n)
 	return false;
 }
 
+/*
+ * Saved plans of the payload queries, by their text (the trades table and
+ * trace.payload_columns make it): parsing and planning the query at every
+ * claim cost more than running it.  PostgreSQL's plan cache revalidates a
+ * saved plan after DDL on what it reads; a changed allowlist is another
+ * text, another plan.
+ */
+#define PAYLOAD_PLANS	4
+
+typedef struct PayloadPlan
+{
+	char	   *sql;			/* in TopMemoryContext */
+	SPIPlanPtr	plan;
+} PayloadPlan;
+
+static PayloadPlan payload_plans[PAYLOAD_PLANS];
+static int	payload_plan_next = 0;
+
+static SPIPlanPtr
+payload_plan(const char *sql)
+{
+	Oid			argtypes[1] = {INT8ARRAYOID};
+	PayloadPlan *slot;
+	SPIPlanPtr	plan;
+
+	for (int i = 0; i < PAYLOAD_PLANS; i++)
+		if (payload_plans[i].sql != NULL && strcmp(payload_plans[i].sql, sql) == 0)
+			return payload_plans[i].plan;
+	plan = SPI_prepare(sql, 1, argtypes);
+	if (plan == NULL || SPI_keepplan(plan) != 0)
+		elog(ERROR, "could not prepare the payload query: %s",
+			 SPI_result_code_string(SPI_result));
+	slot = &payload_plans[payload_plan_next];
+	payload_plan_next = (payload_plan_next + 1) % PAYLOAD_PLANS;
+	if (slot->sql != NULL)
+	{
+		SPI_freeplan(slot->plan);
+		pfree(slot->sql);
+	}
+	slot->sql = MemoryContextStrdup(TopMemoryContext, sql);
+	slot->plan = plan;
+	return plan;
+}
+
 /* Build the payloads of the items that read from one trades table. */
 static void
 build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
@@ -199,7 +243,6 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 	const char *missing = NULL;
 	char	   *sql;
 	Datum	   *ids = palloc(sizeof(Datum) * n);
-	Oid			argtypes[1] = {INT8ARRAYOID};
 	Datum		values[1];
 
 	if (get_rel_name(relid) == NULL)
@@ -226,7 +269,7 @@ build_for_table(Oid relid, TraceItem **sorted, int n, MemoryContext into)
 	 * committed just before the claim could still read as OPEN and be
 	 * cancelled by mistake.
 	 */
-	if (SPI_execute_with_args(sql, 1, argtypes, values, NULL, false, 0) != SPI_OK_SELECT)
+	if (SPI_execute_plan(payload_plan(sql), values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read trades for their payload");
 
 	for (uint64 r = 0; r < SPI_processed; r++)
