@@ -3,7 +3,8 @@
  *
  * Requests run concurrently; the worker adds new ones as others finish,
  * so the pipe stays full.  Connections are kept alive and reused per host
- * by the multi handle's cache.  Every transfer has a whole-request timeout
+ * by the multi handle's cache, which keeps as many as the worker has
+ * requests in flight (trace_http_keep_connections).  Every transfer has a whole-request timeout
  * (trace.http_timeout), speaks only http/https, never follows redirects,
  * never uses signals, and keeps at most a small prefix of the response
  * body (bodies beyond a cap abort the transfer, so memory stays bounded).
@@ -16,8 +17,9 @@
  * which sockets it wants watched and when its next timeout is, and the
  * worker sleeps in one WaitEventSet holding those sockets and its latch,
  * so a commit that queues work wakes it even while requests are in
- * flight, and nothing is polled.  The set is rebuilt only when a socket
- * comes or goes (connections are reused, so rarely); a change of
+ * flight, and nothing is polled.  The set is rebuilt when a socket comes
+ * or goes (libcurl stops watching a kept-alive connection between its
+ * transfers, so under load often: docs/performance.md); a change of
  * direction on a known socket is a ModifyWaitEvent.
  */
 #include "postgres.h"

@@ -974,6 +974,21 @@ connect_to_database(void)
 	pin_session_settings();
 }
 
+/*
+ * A commit woke us while closes come in one by one: wait a few
+ * milliseconds for the next ones, so that a pass carries more than one or
+ * two rows (each pass costs a claim and a record transaction, whatever
+ * it carries).  Signals still end the wait; the latch is left set.
+ */
+#define COALESCE_MS		5
+
+static void
+gather(long ms)
+{
+	(void) WaitLatch(NULL, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, ms, PG_WAIT_EXTENSION);
+	CHECK_FOR_INTERRUPTS();
+}
+
 /* A worker that exits ends its leases: its rows can be sent at once. */
 static void
 end_leases_at_exit(int code, Datum arg)
@@ -1035,6 +1050,8 @@ trace_worker_main(Datum arg)
 		 */
 		if (woken || GetCurrentTimestamp() >= next_due)
 		{
+			if (woken && claimed < trace_batch_size / 4)
+				gather(COALESCE_MS);
 			trace_publish_wake_at(DT_NOEND);
 			trace_worker_set_state(TRACE_WORKER_SENDING);
 			trace_worker_note_pass(true);
