@@ -735,8 +735,18 @@ def slow_sink_load(url, concurrency, n):
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
+def status_expr(cur):
+    """A queue row's status as the views show it: from 1.6 a row being sent
+    stays 'pending' in the table, leased in shared memory (trace._leased())."""
+    cur.execute("SELECT to_regprocedure('trace._leased(bigint)') IS NOT NULL")
+    if cur.fetchone()[0]:
+        return "CASE WHEN status = 'pending' AND trace._leased(id) THEN 'sending' ELSE status END"
+    return "status"
+
+
 def queue_counts(cur):
-    cur.execute("SELECT status, count(*) FROM trace.trace_queue GROUP BY 1 ORDER BY 1")
+    cur.execute("SELECT " + status_expr(cur) + ", count(*) FROM trace.trace_queue "
+                "GROUP BY 1 ORDER BY 1")
     return dict(cur.fetchall())
 
 

@@ -35,22 +35,24 @@ def queue_rows(cur, n):
 
 def claim_stats(cur):
     cur.execute("SELECT calls, mean_exec_time, query FROM pg_stat_statements "
-                " WHERE query LIKE 'WITH due AS%%FOR UPDATE SKIP LOCKED%%'")
+                " WHERE query LIKE 'SELECT q.id%%FOR UPDATE OF q SKIP LOCKED%%'")
     return cur.fetchone()
 
 
 def claim_sql():
     """The worker's claim statement, as src/queue.c prepares it."""
     src = (REPO / "src" / "queue.c").read_text()
-    body = src.split("#define CLAIM_SQL(by_operator_expr)", 1)[1].split("\n\n", 1)[0]
-    body = body.replace("by_operator_expr", '"q.by_operator"')
+    body = src.split("#define CLAIM_SQL(by_operator_expr, leased_expr)", 1)[1]
+    body = body.split("\n\n", 1)[0]
+    body = (body.replace("by_operator_expr", '"q.by_operator"')
+            .replace("leased_expr", '"trace._leased(q.id)"'))
     return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
 
 
 def explain_claim(cur):
     cur.execute("DEALLOCATE ALL")
-    cur.execute("PREPARE claim(int, float8, text[]) AS " + claim_sql())
-    cur.execute("EXPLAIN EXECUTE claim(100, 25, '{}')")
+    cur.execute("PREPARE claim(int, text[], bigint[]) AS " + claim_sql())
+    cur.execute("EXPLAIN EXECUTE claim(100, '{}', '{}')")
     return [r[0] for r in cur.fetchall()]
 
 

@@ -44,7 +44,7 @@ import time
 
 from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store, percentile,
                       pgbench, pgbench_script, pgbench_version, print_block, reset_trade_store,
-                      start_cluster, wait_until, worker_pids)
+                      start_cluster, status_expr, wait_until, worker_pids)
 
 # Client c (0-based :client_id) closes trades c+1, c+1+C, ... (pgbench keeps
 # a client's variables from one transaction to the next; k starts at 0).
@@ -72,7 +72,8 @@ def prepare_run(cluster, mode):
 
 
 def _none_in_flight(cur):
-    cur.execute("SELECT count(*) = 0 FROM trace.trace_queue WHERE status = 'sending'")
+    cur.execute("SELECT count(*) = 0 FROM trace.trace_queue WHERE "
+                + status_expr(cur) + " = 'sending'")
     return cur.fetchone()[0]
 
 
@@ -85,8 +86,9 @@ def run(cluster, cur, pids, script, args, mode):
     t1 = time.time()
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
     # At once, while the worker goes on: the backlog as pgbench ended.
-    cur.execute("SELECT count(*) FILTER (WHERE status = 'pending'), "
-                "       count(*) FILTER (WHERE status = 'sending'), "
+    st = status_expr(cur)
+    cur.execute("SELECT count(*) FILTER (WHERE " + st + " = 'pending'), "
+                "       count(*) FILTER (WHERE " + st + " = 'sending'), "
                 "       count(*) FILTER (WHERE status = 'delivered' "
                 "                        AND delivered_at <= to_timestamp(%s)), "
                 "       count(*) "
