@@ -14,6 +14,8 @@ the extension first.
 """
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 
 from capture_server import CaptureServer  # noqa: E402
-from cluster import Cluster  # noqa: E402
+from cluster import PG_BINDIR, Cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DB = "trading"
@@ -158,6 +160,15 @@ def main():
         show(conn, "trace.tracker_health", "SELECT * FROM trace.tracker_health")
         show(conn, "trace.worker_status",
              "SELECT worker, pid, state, in_flight, delivered, failed FROM trace.worker_status")
+        show(conn, "trace.queue_backlog (what the exporter and trace_ctl read)",
+             "SELECT * FROM trace.queue_backlog")
+        say("trace_ctl status: the health check for Nagios/Icinga (exit 0 OK, 1, 2, 3)")
+        ctl = subprocess.run([os.path.join(PG_BINDIR, "trace_ctl"), "status",
+                              "host=%s port=%d dbname=%s user=postgres"
+                              % (cluster.sockdir, cluster.port, DB)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(ctl.stdout.rstrip())
+        print("(exit status %d)" % ctl.returncode)
         print("\nThe tokens above are the demo's own; in production they belong in "
               "trace.secrets_file, and they never reach the server log:")
         print("  'demo-webhook-token' in server log: %s"
