@@ -18,19 +18,13 @@
  * worker sleeps in one WaitEventSet holding those sockets and its latch,
  * so a commit that queues work wakes it even while requests are in
  * flight, and nothing is polled.  The set is rebuilt when a socket comes
- * or is closed.  libcurl stops watching a kept-alive connection between
- * its transfers: such a socket is parked in the set (watched only for the
- * peer closing it) rather than removed, so the next transfer on that
- * connection is a ModifyWaitEvent, not a rebuild; so is a change of
- * direction on a known socket.  libcurl tells us when it closes a socket
- * (CURLOPT_CLOSESOCKETFUNCTION), and a parked socket whose peer closed it
- * is dropped: a number the kernel may give to a new socket is never left
- * in the set.
+ * or goes (libcurl stops watching a kept-alive connection between its
+ * transfers, so under load often: docs/performance.md); a change of
+ * direction on a known socket is a ModifyWaitEvent.
  */
 #include "postgres.h"
 
 #include <sys/resource.h>
-#include <unistd.h>
 
 #include <curl/curl.h>
 
@@ -63,10 +57,8 @@ typedef struct Transfer
 typedef struct WatchedSocket
 {
 	curl_socket_t fd;
-	int			events;			/* WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE,
-								 * or WL_SOCKET_CLOSED while parked */
+	int			events;			/* WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE */
 	int			pos;			/* in the wait set; -1 until (re)built */
-	bool		parked;			/* libcurl does not watch it now */
 } WatchedSocket;
 
 static CURLM *multi = NULL;
@@ -98,23 +90,6 @@ watched_index(curl_socket_t fd)
 	return -1;
 }
 
-/* Forget watched[i]: the set must be rebuilt without it. */
-static void
-forget_socket(int i)
-{
-	watched[i] = watched[--nwatched];
-	wait_set_stale = true;
-}
-
-/* Give watched[i] new events, in the set too when it is there. */
-static void
-set_socket_events(int i, int events)
-{
-	if (watched[i].events != events && !wait_set_stale && watched[i].pos >= 0)
-		ModifyWaitEvent(wait_set, watched[i].pos, events, NULL);
-	watched[i].events = events;
-}
-
 /* libcurl: watch fd for `what`, or stop watching it (CURL_POLL_REMOVE). */
 static int
 on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
@@ -124,14 +99,10 @@ on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 
 	if (what == CURL_POLL_REMOVE)
 	{
-		if (i < 0)
-			return 0;
-		if (wait_set_stale || watched[i].pos < 0)
-			forget_socket(i);	/* not in the set yet: nothing to keep */
-		else
+		if (i >= 0)
 		{
-			set_socket_events(i, WL_SOCKET_CLOSED);
-			watched[i].parked = true;
+			watched[i] = watched[--nwatched];
+			wait_set_stale = true;
 		}
 		return 0;
 	}
@@ -154,20 +125,10 @@ on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 		watched[i].pos = -1;
 		wait_set_stale = true;
 	}
-	watched[i].parked = false;
-	set_socket_events(i, events);
+	else if (watched[i].events != events && !wait_set_stale && watched[i].pos >= 0)
+		ModifyWaitEvent(wait_set, watched[i].pos, events, NULL);
+	watched[i].events = events;
 	return 0;
-}
-
-/* libcurl closes a socket: it leaves the set before its number is reused. */
-static int
-on_close_socket(void *clientp, curl_socket_t fd)
-{
-	int			i = watched_index(fd);
-
-	if (i >= 0)
-		forget_socket(i);
-	return close(fd);
 }
 
 /* libcurl: call curl_multi_socket_action(TIMEOUT) in timeout_ms (-1: never). */
@@ -324,7 +285,6 @@ set_options(Transfer *t, TraceRequest *req, const char **refused, CURLcode *code
 	SET_OPTION(CURLOPT_HEADERDATA, t);
 	SET_OPTION(CURLOPT_ERRORBUFFER, t->errbuf);
 	SET_OPTION(CURLOPT_PRIVATE, t);
-	SET_OPTION(CURLOPT_CLOSESOCKETFUNCTION, on_close_socket);
 	return true;
 }
 
@@ -596,20 +556,9 @@ trace_http_wait(int timeout_ms)
 	for (int i = 0; i < n; i++)
 	{
 		int			flags = 0;
-		int			w;
 
 		if (events[i].events & WL_LATCH_SET)
 			latch_set = true;
-		if ((events[i].events & WL_SOCKET_CLOSED) &&
-			(w = watched_index(events[i].fd)) >= 0 && watched[w].parked)
-		{
-			/*
-			 * The peer closed an idle connection: stop watching it (libcurl
-			 * finds it dead when it next tries it, and closes it).
-			 */
-			forget_socket(w);
-			continue;
-		}
 		if (events[i].events & WL_SOCKET_READABLE)
 			flags |= CURL_CSELECT_IN;
 		if (events[i].events & WL_SOCKET_WRITEABLE)
