@@ -17,10 +17,16 @@
  * which sockets it wants watched and when its next timeout is, and the
  * worker sleeps in one WaitEventSet holding those sockets and its latch,
  * so a commit that queues work wakes it even while requests are in
- * flight, and nothing is polled.  The set is rebuilt when a socket comes
- * or goes (libcurl stops watching a kept-alive connection between its
- * transfers, so under load often: docs/performance.md); a change of
- * direction on a known socket is a ModifyWaitEvent.
+ * flight, and nothing is polled.  The set is rebuilt when a new socket
+ * comes.  libcurl stops watching a kept-alive connection between its
+ * transfers: such a socket, if it was only waited on for reading, stays
+ * in the set, parked, so that the connection's next transfer is a
+ * ModifyWaitEvent, not a rebuild.  No system call is made when libcurl
+ * lets a socket go (it may already have closed it); a parked socket that
+ * becomes readable (the peer closed the connection) is forgotten; a
+ * rebuild drops every parked socket; a socket number libcurl opens again
+ * forgets the parked one; and a ModifyWaitEvent that fails (a number
+ * closed and reused behind our back) falls back to a rebuild.
  */
 #include "postgres.h"
 
@@ -59,6 +65,7 @@ typedef struct WatchedSocket
 	curl_socket_t fd;
 	int			events;			/* WL_SOCKET_READABLE | WL_SOCKET_WRITEABLE */
 	int			pos;			/* in the wait set; -1 until (re)built */
+	bool		parked;			/* libcurl does not watch it now */
 } WatchedSocket;
 
 static CURLM *multi = NULL;
@@ -90,6 +97,42 @@ watched_index(curl_socket_t fd)
 	return -1;
 }
 
+/* Forget watched[i]; the next wait rebuilds the set without it. */
+static void
+forget_socket(int i)
+{
+	watched[i] = watched[--nwatched];
+	wait_set_stale = true;
+}
+
+/*
+ * Wait on watched[i] for new events.  Called from libcurl's callbacks: an
+ * error must not unwind through libcurl, so a ModifyWaitEvent that fails
+ * (the number was closed, or closed and reused, behind our back) is caught
+ * and the set rebuilt instead.
+ */
+static void
+set_socket_events(int i, int events)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (watched[i].events != events && !wait_set_stale && watched[i].pos >= 0)
+	{
+		PG_TRY();
+		{
+			ModifyWaitEvent(wait_set, watched[i].pos, events, NULL);
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+			wait_set_stale = true;
+		}
+		PG_END_TRY();
+	}
+	watched[i].events = events;
+}
+
 /* libcurl: watch fd for `what`, or stop watching it (CURL_POLL_REMOVE). */
 static int
 on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
@@ -99,11 +142,18 @@ on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 
 	if (what == CURL_POLL_REMOVE)
 	{
-		if (i >= 0)
-		{
-			watched[i] = watched[--nwatched];
-			wait_set_stale = true;
-		}
+		/*
+		 * No system call here: libcurl may already have closed fd.  A socket
+		 * waited on for reading only may stay in the set, parked (it is
+		 * quiet until the peer sends or closes); any other is forgotten.
+		 */
+		if (i < 0)
+			return 0;
+		if (wait_set_stale || watched[i].pos < 0 ||
+			watched[i].events != WL_SOCKET_READABLE)
+			forget_socket(i);
+		else
+			watched[i].parked = true;
 		return 0;
 	}
 	if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
@@ -123,12 +173,27 @@ on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 		i = nwatched++;
 		watched[i].fd = fd;
 		watched[i].pos = -1;
+		watched[i].events = 0;
 		wait_set_stale = true;
 	}
-	else if (watched[i].events != events && !wait_set_stale && watched[i].pos >= 0)
-		ModifyWaitEvent(wait_set, watched[i].pos, events, NULL);
-	watched[i].events = events;
+	watched[i].parked = false;
+	set_socket_events(i, events);
 	return 0;
+}
+
+/*
+ * libcurl opens a socket.  A parked socket with the same number was closed
+ * without our knowing: forget it before the number is watched again.
+ */
+static curl_socket_t
+on_open_socket(void *clientp, curlsocktype purpose, struct curl_sockaddr *address)
+{
+	curl_socket_t fd = socket(address->family, address->socktype, address->protocol);
+	int			i;
+
+	if (fd != CURL_SOCKET_BAD && (i = watched_index(fd)) >= 0)
+		forget_socket(i);
+	return fd;
 }
 
 /* libcurl: call curl_multi_socket_action(TIMEOUT) in timeout_ms (-1: never). */
@@ -285,6 +350,7 @@ set_options(Transfer *t, TraceRequest *req, const char **refused, CURLcode *code
 	SET_OPTION(CURLOPT_HEADERDATA, t);
 	SET_OPTION(CURLOPT_ERRORBUFFER, t->errbuf);
 	SET_OPTION(CURLOPT_PRIVATE, t);
+	SET_OPTION(CURLOPT_OPENSOCKETFUNCTION, on_open_socket);
 	return true;
 }
 
@@ -491,10 +557,16 @@ collect(void)
 	}
 }
 
-/* A wait set with the latch, postmaster death and every watched socket. */
+/*
+ * A wait set with the latch, postmaster death and every watched socket;
+ * parked sockets are left out (and forgotten).
+ */
 static void
 rebuild_wait_set(void)
 {
+	for (int i = nwatched - 1; i >= 0; i--)
+		if (watched[i].parked)
+			watched[i] = watched[--nwatched];
 	if (wait_set != NULL)
 		FreeWaitEventSet(wait_set);
 	wait_set = CreateWaitEventSet(TopMemoryContext, nwatched + 2);
@@ -556,9 +628,17 @@ trace_http_wait(int timeout_ms)
 	for (int i = 0; i < n; i++)
 	{
 		int			flags = 0;
+		int			w;
 
 		if (events[i].events & WL_LATCH_SET)
 			latch_set = true;
+		if ((events[i].events & WL_SOCKET_MASK) &&
+			(w = watched_index(events[i].fd)) >= 0 && watched[w].parked)
+		{
+			/* the peer closed an idle connection (or sent on it): let it go */
+			forget_socket(w);
+			continue;
+		}
 		if (events[i].events & WL_SOCKET_READABLE)
 			flags |= CURL_CSELECT_IN;
 		if (events[i].events & WL_SOCKET_WRITEABLE)
