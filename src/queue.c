@@ -39,6 +39,7 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
 static SPIPlanPtr cancel_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
+static SPIPlanPtr origin_plan = NULL;
 
 /*
  * The claim statement depends on the extension's objects (by_operator is
@@ -50,6 +51,7 @@ static SPIPlanPtr record_plan = NULL;
 static Oid	queue_relid = InvalidOid;
 static bool queue_has_by_operator = false;
 static bool queue_has_leased_fn = false;
+static bool queue_has_origin = false;
 static bool claim_plans_stale = false;
 static bool queue_callback_registered = false;
 
@@ -125,35 +127,6 @@ skipped_names(const bool *skip)
 		if (skip[a])
 			names[n++] = trace_adapter_name(a);
 	return text_array(names, NULL, n);
-}
-
-/*
- * Was the queue filled on another cluster (a restored dump, a pg_upgrade)
- * and not adopted yet?  In the claim's transaction.  *foreign: the other
- * cluster's identifier, for the message.  A queue older than 1.4 has no
- * trace.queue_origin: never held.
- */
-bool
-trace_queue_held(int64 *foreign)
-{
-	Oid			types[1] = {INT8OID};
-	Datum		values[1] = {Int64GetDatum((int64) GetSystemIdentifier())};
-	bool		isnull;
-
-	if (SPI_execute("SELECT pg_catalog.to_regclass('trace.queue_origin') IS NOT NULL",
-					true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not look for trace.queue_origin");
-	if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
-		return false;
-	if (SPI_execute_with_args("SELECT system_identifier FROM trace.queue_origin "
-							  " WHERE system_identifier <> $1 LIMIT 1",
-							  1, types, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read trace.queue_origin");
-	if (SPI_processed == 0)
-		return false;
-	*foreign = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-										   &isnull));
-	return true;
 }
 
 /* Is the extension installed in this database? */
@@ -237,8 +210,8 @@ functions_changed(Datum arg, int cacheid, uint32 hashvalue)
 }
 
 /*
- * Read the queue's shape: its oid, whether it has by_operator, and
- * whether trace._leased() exists.
+ * Read the queue's shape: its oid, whether it has by_operator, whether
+ * trace._leased() exists, and whether trace.queue_origin does.
  */
 static void
 read_queue_shape(void)
@@ -251,7 +224,8 @@ read_queue_shape(void)
 					"       EXISTS (SELECT 1 FROM pg_catalog.pg_attribute "
 					"                WHERE attrelid = 'trace.trace_queue'::pg_catalog.regclass "
 					"                  AND attname = 'by_operator' AND NOT attisdropped), "
-					"       pg_catalog.to_regprocedure('trace._leased(bigint)') IS NOT NULL",
+					"       pg_catalog.to_regprocedure('trace._leased(bigint)') IS NOT NULL, "
+					"       pg_catalog.to_regclass('trace.queue_origin') IS NOT NULL",
 					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read the queue's columns");
 	row = SPI_tuptable->vals[0];
@@ -259,12 +233,13 @@ read_queue_shape(void)
 	queue_relid = DatumGetObjectId(SPI_getbinval(row, desc, 1, &isnull));
 	queue_has_by_operator = DatumGetBool(SPI_getbinval(row, desc, 2, &isnull));
 	queue_has_leased_fn = DatumGetBool(SPI_getbinval(row, desc, 3, &isnull));
+	queue_has_origin = DatumGetBool(SPI_getbinval(row, desc, 4, &isnull));
 }
 
 static void
 free_claim_plans(void)
 {
-	SPIPlanPtr *plans[] = {&claim_plan, &next_due_plan, &cancel_plan};
+	SPIPlanPtr *plans[] = {&claim_plan, &next_due_plan, &cancel_plan, &origin_plan};
 
 	for (int i = 0; i < lengthof(plans); i++)
 		if (*plans[i] != NULL)
@@ -280,6 +255,7 @@ prepare_claim_plans(void)
 	Oid			claim_types[3] = {INT4OID, TEXTARRAYOID, INT8ARRAYOID};
 	Oid			cancel_types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Oid			next_due_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
+	Oid			origin_types[1] = {INT8OID};
 
 	if (!queue_callback_registered)
 	{
@@ -327,6 +303,35 @@ prepare_claim_plans(void)
 							"  FROM unnest($1, $2) AS c(id, reason) "
 							" WHERE q.id = c.id AND q.status IN ('pending', 'sending')",
 							2, cancel_types);
+	if (queue_has_origin)
+		origin_plan = keep_plan("SELECT system_identifier FROM trace.queue_origin "
+								" WHERE system_identifier <> $1 LIMIT 1",
+								1, origin_types);
+}
+
+/*
+ * Was the queue filled on another cluster (a restored dump, a pg_upgrade)
+ * and not adopted yet?  In the claim's transaction, once per pass, with a
+ * statement prepared once.  *foreign: the other cluster's identifier, for
+ * the message.  A queue older than 1.4 has no trace.queue_origin: never
+ * held.
+ */
+bool
+trace_queue_held(int64 *foreign)
+{
+	Datum		values[1] = {Int64GetDatum((int64) GetSystemIdentifier())};
+	bool		isnull;
+
+	prepare_claim_plans();
+	if (!queue_has_origin)
+		return false;
+	if (SPI_execute_plan(origin_plan, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read trace.queue_origin");
+	if (SPI_processed == 0)
+		return false;
+	*foreign = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										   &isnull));
+	return true;
 }
 
 /*
