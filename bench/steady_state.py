@@ -34,6 +34,10 @@ and the worker's CPU seconds per delivery.
 Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
                           [--workers W] [--batch B] [--trades N] [--paused]
+                          [--rate TPS] [--worker-nice N]
+--rate: pgbench -R, closes at a fixed rate, to compare builds by the
+worker's CPU per delivery at equal load.  --worker-nice (a diagnostic):
+renice the workers.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -82,7 +86,7 @@ def run(cluster, cur, pids, script, args, mode):
     cpu0 = sum(cpu_seconds(p) for p in pids)
     t0 = time.time()
     r = pgbench(cluster, script, args.seconds, clients=args.clients,
-                defines={"k": 0, "clients": args.clients}, progress=5)
+                defines={"k": 0, "clients": args.clients}, progress=5, rate=args.rate)
     t1 = time.time()
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
     # At once, while the worker goes on: the backlog as pgbench ended.
@@ -134,6 +138,11 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="trace.workers")
     ap.add_argument("--batch", type=int, default=None, help="trace.batch_size")
     ap.add_argument("--trades", type=int, default=200000, help="open trades in the store")
+    ap.add_argument("--rate", type=int, default=None, metavar="TPS",
+                    help="pgbench -R: close at this fixed rate (all clients together), so "
+                         "that runs compare the worker's CPU per delivery at equal load")
+    ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
+                    help="diagnostic: renice the workers to N (setpriority) after they start")
     ap.add_argument("--paused", action="store_true",
                     help="also run attached with the worker paused (the trigger alone)")
     args = ap.parse_args()
@@ -154,6 +163,9 @@ def main():
         conn = cluster.connect(DB)
         cur = conn.cursor()
         pids = wait_until(lambda: worker_pids(cur), 20)
+        if args.worker_nice is not None:
+            for p in pids:
+                os.setpriority(os.PRIO_PROCESS, p, args.worker_nice)
         modes = ["detached", "attached"] + (["paused"] if args.paused else [])
         runs = {m: [] for m in modes}
         for i in range(args.rounds):
@@ -164,11 +176,13 @@ def main():
         print_block("steady state: pgbench closes while the worker delivers, trace_ext "
                     "attached vs detached",
                     conditions(cluster, {
-                        "pgbench": "%s; -n -M prepared -c %d -j %d -T %d; each client closes "
-                                   "its own sequence of open trades (first closes only), the "
-                                   "same trades in every run"
+                        "pgbench": "%s; -n -M prepared -c %d -j %d -T %d%s; each client "
+                                   "closes its own sequence of open trades (first closes "
+                                   "only), the same trades in every run"
                                    % (pgbench_version(), args.clients, args.clients,
-                                      args.seconds),
+                                      args.seconds, " -R %d" % args.rate if args.rate else ""),
+                        "worker nice": str(args.worker_nice) if args.worker_nice is not None
+                                       else "as started",
                         "store": "%d open trades of opted-in users on signal 10 "
                                  "(myfxbook, webhook, file); reset before every run"
                                  % args.trades,
