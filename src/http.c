@@ -8,6 +8,12 @@
  * (trace.http_timeout), speaks only http/https, never follows redirects,
  * never uses signals, and keeps at most a small prefix of the response
  * body (bodies beyond a cap abort the transfer, so memory stays bounded).
+ * It speaks HTTP/1.1 even to a server that offers HTTP/2: a server may
+ * answer an HTTP/2 request before reading its body and then reset the
+ * stream (RST_STREAM, NO_ERROR, as nginx does), which libcurl 7.88
+ * reports as "Stream error in the HTTP/2 framing layer": a delivered row
+ * recorded as failed and sent again.  With a connection per request in
+ * flight, multiplexing would save connections, not CPU.
  * A finished transfer becomes a TraceResponse (the status or a transport
  * failure, Retry-After, the time taken, the start of the body) that the
  * worker collects with trace_http_next(); what it means for the queue
@@ -324,6 +330,8 @@ set_options(Transfer *t, TraceRequest *req, const char **refused, CURLcode *code
 	CURL	   *e = t->easy;
 
 	SET_OPTION(CURLOPT_URL, req->url);
+	/* HTTP/1.1 over kept-alive connections, never HTTP/2: see the top */
+	SET_OPTION(CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
 	SET_OPTION(CURLOPT_PROTOCOLS_STR, "http,https");
 	SET_OPTION(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
 	SET_OPTION(CURLOPT_FOLLOWLOCATION, 0L);
