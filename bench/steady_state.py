@@ -25,8 +25,11 @@ first close (a re-close would not fire the trigger) and both modes close
 the same trades in the same order.  The store holds --trades open trades
 (default 200,000); a run that would need more says so.
 
-Prints each run's TPS (and per 5 s), each round's ratio attached/detached
-and their median; for attached runs also the rows delivered during the run
+Prints each run's TPS (and per 5 s), the machine's CPU busy share and
+busy CPU time per close (all processes: pgbench, backends, WAL writer,
+worker, nginx; /proc/stat), the WAL written per second and per close
+during the run (the worker's writes included), each round's ratio
+attached/detached and their median; for attached runs also the rows delivered during the run
 per second, the backlog when pgbench ended (pending rows, and rows in
 flight), the close -> delivered lag of the rows delivered during the run,
 and the worker's CPU seconds per delivery.
@@ -46,7 +49,8 @@ import os
 import statistics
 import time
 
-from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store, percentile,
+from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store, machine_cpu,
+                      percentile,
                       pgbench, pgbench_script, pgbench_version, print_block, reset_trade_store,
                       start_cluster, status_expr, wait_until, worker_pids)
 
@@ -84,11 +88,17 @@ def _none_in_flight(cur):
 def run(cluster, cur, pids, script, args, mode):
     prepare_run(cluster, mode)
     cpu0 = sum(cpu_seconds(p) for p in pids)
+    busy0, all0 = machine_cpu()
+    cur.execute("SELECT pg_current_wal_lsn()")
+    lsn0 = cur.fetchone()[0]
     t0 = time.time()
     r = pgbench(cluster, script, args.seconds, clients=args.clients,
                 defines={"k": 0, "clients": args.clients}, progress=5, rate=args.rate)
     t1 = time.time()
+    busy1, all1 = machine_cpu()
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn0,))
+    wal = float(cur.fetchone()[0])
     # At once, while the worker goes on: the backlog as pgbench ended.
     st = status_expr(cur)
     cur.execute("SELECT count(*) FILTER (WHERE " + st + " = 'pending'), "
@@ -105,7 +115,9 @@ def run(cluster, cur, pids, script, args, mode):
     cur.execute("SELECT count(*) FROM trades WHERE status = 'CLOSED'")
     closed = cur.fetchone()[0]
     return {"tps": r.tps, "progress": r.progress, "transactions": r.transactions,
-            "closed": closed, "seconds": t1 - t0, "cpu": cpu, "pending": pending,
+            "closed": closed, "seconds": t1 - t0, "cpu": cpu,
+            "wal": wal, "busy": busy1 - busy0, "busy_share": (busy1 - busy0) / max(1e-9, all1 - all0),
+            "pending": pending,
             "sending": sending, "delivered": delivered, "queued": queued, "lag": lag}
 
 
@@ -113,6 +125,9 @@ def describe(mode, i, x):
     line = "%-8s run %d: %.0f TPS (%d closes, %d trades closed); per 5 s: %s" % (
         mode, i + 1, x["tps"], x["transactions"], x["closed"],
         " ".join("%.0f" % v for v in x["progress"]))
+    line += "; machine CPU busy %.0f %%, %.0f us per close; WAL %.1f MB/s, %.0f bytes per close" % (
+        100 * x["busy_share"], x["busy"] * 1e6 / max(1, x["transactions"]),
+        x["wal"] / 1e6 / x["seconds"], x["wal"] / max(1, x["transactions"]))
     if x["transactions"] > x["closed"]:
         line += "; RAN OUT: %d closes found no open trade, raise --trades" % (
             x["transactions"] - x["closed"])
@@ -207,6 +222,13 @@ def main():
                          "(the trigger alone)"
                          % (" ".join("%.1f%%" % (100 * r) for r in pr),
                             100 * statistics.median(pr)))
+        det_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
+                                   for x in runs["detached"])
+        att_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
+                                   for x in runs["attached"])
+        lines.append("machine CPU per close (all processes, median): %.0f us detached, %.0f us "
+                     "attached; where the CPUs are the limit, %.0f %% of the TPS is what that "
+                     "allows" % (det_us, att_us, 100 * det_us / att_us))
         att = runs["attached"]
         lines.append("attached runs: deliveries/s %s; backlog at the end %s pending; "
                      "worker CPU per delivery %s us"

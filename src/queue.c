@@ -70,6 +70,23 @@ trace_queue_begin(const char *activity)
 	pgstat_report_activity(STATE_RUNNING, activity);
 }
 
+/*
+ * In the claim's and the record's transactions: plan with the queue's
+ * indexes whatever its statistics say.  The statements are prepared once
+ * and their generic plans kept; planned while the queue looked empty (new,
+ * truncated, or not analyzed since a burst of closes began) they read the
+ * whole table, and kept reading it at every claim while it grew to tens of
+ * thousands of rows (a worker at 500 us per delivery in bench/steady_state.py,
+ * which starts each run from an empty queue).  Local to the transaction:
+ * the housekeeping functions keep the planner's own choice.
+ */
+void
+trace_queue_use_indexes(void)
+{
+	(void) set_config_option("enable_seqscan", "off", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
 /* Commit it. */
 void
 trace_queue_commit(void)
@@ -550,6 +567,7 @@ record_once(Datum *values, MemoryContext cxt)
 	List	   *abandoned;
 
 	trace_queue_begin("trace_ext: recording outcomes");
+	trace_queue_use_indexes();
 	prepare_record_plan();
 	if (SPI_execute_plan(record_plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not record delivery outcomes");

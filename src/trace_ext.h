@@ -238,6 +238,7 @@ extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_typ
 
 /* ---- queue.c: the worker's SQL ---- */
 extern void trace_queue_begin(const char *activity);
+extern void trace_queue_use_indexes(void);
 extern void trace_queue_commit(void);
 extern int	trace_queue_claim(int max_rows, const bool *skip, MemoryContext cxt,
 							  TraceItem **items);

@@ -445,6 +445,7 @@ claim_more(PassState *pass, int slots, TimestampTz *next_due, bool *capped)
 	 */
 	(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
+	trace_queue_use_indexes();
 	if (!pass->origin_checked)
 	{
 		int64		foreign = 0;
@@ -1031,6 +1032,8 @@ pin_session_settings(void)
 	SetConfigOption("idle_in_transaction_session_timeout", "0",
 					PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("idle_session_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	/* its statements are short; compiling one costs more than running it */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 static void
