@@ -32,10 +32,13 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
@@ -69,6 +72,9 @@ typedef struct QueueShape
 	ExprState **defaults;		/* per column; NULL: none, or ours */
 	int			ncheck;
 	ExprState **checks;			/* as ExecRelCheck would build them */
+	int			nindexes;		/* -1: let ExecOpenIndices find them */
+	Oid		   *indexids;
+	IndexInfo **indexinfos;		/* predicates compiled */
 } QueueShape;
 
 static MemoryContext shape_cxt = NULL;
@@ -78,8 +84,13 @@ static bool shape_stale = false;
 static void
 queue_relcache_callback(Datum arg, Oid relid)
 {
-	if (shape != NULL && (!OidIsValid(relid) || relid == shape->relid))
+	if (shape == NULL)
+		return;
+	if (!OidIsValid(relid) || relid == shape->relid)
 		shape_stale = true;
+	for (int i = 0; i < shape->nindexes; i++)
+		if (shape->indexids[i] == relid)
+			shape_stale = true;
 }
 
 static void
@@ -142,6 +153,65 @@ build_checks(Relation rel, QueueShape *s)
 		s->checks[i] = compile(stringToNode(constr->check[i].ccbin));
 }
 
+/*
+ * The queue's indexes, as ExecOpenIndices(..., true) describes them, with
+ * the predicates of the partial ones compiled once (ExecInsertIndexTuples
+ * would compile them at every statement).  Only btree indexes without
+ * expressions: another access method may keep state of its own in the
+ * IndexInfo (ii_AmCache), and an index that does makes ExecOpenIndices
+ * describe them all at every call instead.
+ */
+static void
+build_indexes(Relation rel, QueueShape *s)
+{
+	List	   *ids = RelationGetIndexList(rel);
+	ListCell   *lc;
+	int			n = 0;
+
+	s->nindexes = -1;
+	s->indexids = palloc(sizeof(Oid) * Max(list_length(ids), 1));
+	s->indexinfos = palloc(sizeof(IndexInfo *) * Max(list_length(ids), 1));
+	foreach(lc, ids)
+	{
+		Relation	index = index_open(lfirst_oid(lc), RowExclusiveLock);
+		IndexInfo  *ii = BuildIndexInfo(index);
+		bool		plain = index->rd_rel->relam == BTREE_AM_OID &&
+			ii->ii_Expressions == NIL;
+
+		if (plain && ii->ii_Unique)
+			BuildSpeculativeIndexInfo(index, ii);
+		index_close(index, NoLock);
+		if (!plain)
+			return;
+		if (ii->ii_Predicate != NIL)
+			ii->ii_PredicateState =
+				ExecInitQual((List *) expression_planner((Expr *) ii->ii_Predicate), NULL);
+		s->indexids[n] = lfirst_oid(lc);
+		s->indexinfos[n] = ii;
+		n++;
+	}
+	s->nindexes = n;
+}
+
+/* Open the queue's indexes, described by the shape if it could. */
+static void
+open_indexes(ResultRelInfo *rri)
+{
+	if (shape->nindexes < 0)
+	{
+		ExecOpenIndices(rri, true);
+		return;
+	}
+	rri->ri_NumIndices = shape->nindexes;
+	rri->ri_IndexRelationDescs = palloc(sizeof(Relation) * Max(shape->nindexes, 1));
+	rri->ri_IndexRelationInfo = palloc(sizeof(IndexInfo *) * Max(shape->nindexes, 1));
+	for (int i = 0; i < shape->nindexes; i++)
+	{
+		rri->ri_IndexRelationDescs[i] = index_open(shape->indexids[i], RowExclusiveLock);
+		rri->ri_IndexRelationInfo[i] = shape->indexinfos[i];
+	}
+}
+
 /* What the queue looks like, found out with the queue locked. */
 static void
 build_shape(Relation rel)
@@ -177,6 +247,7 @@ build_shape(Relation rel)
 	{
 		build_defaults(rel, s);
 		build_checks(rel, s);
+		build_indexes(rel, s);
 		s->usable = s->checks != NULL;
 	}
 	MemoryContextSwitchTo(old);
@@ -325,7 +396,7 @@ trace_queue_insert(const TraceQueueRow *row, bool *taken)
 	estate->es_snapshot = GetActiveSnapshot();
 	rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(rri, rel, 0, NULL, 0);
-	ExecOpenIndices(rri, true);
+	open_indexes(rri);
 	arbiter = list_make1_oid(arbiter_index(rri));
 	if (!OidIsValid(linitial_oid(arbiter)))
 	{
