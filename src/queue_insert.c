@@ -212,6 +212,18 @@ open_indexes(ResultRelInfo *rri)
 	}
 }
 
+/*
+ * Close the indexes, keeping their locks to the end of the transaction, as
+ * the queue's own (ExecCloseIndices would release them, and the next close
+ * in the transaction take them again).
+ */
+static void
+close_indexes(ResultRelInfo *rri)
+{
+	for (int i = 0; i < rri->ri_NumIndices; i++)
+		index_close(rri->ri_IndexRelationDescs[i], NoLock);
+}
+
 /* What the queue looks like, found out with the queue locked. */
 static void
 build_shape(Relation rel)
@@ -400,7 +412,7 @@ trace_queue_insert(const TraceQueueRow *row, bool *taken)
 	arbiter = list_make1_oid(arbiter_index(rri));
 	if (!OidIsValid(linitial_oid(arbiter)))
 	{
-		ExecCloseIndices(rri);
+		close_indexes(rri);
 		FreeExecutorState(estate);
 		table_close(rel, NoLock);
 		return -1;
@@ -422,7 +434,7 @@ trace_queue_insert(const TraceQueueRow *row, bool *taken)
 			taken[kind] = true;
 	}
 	ExecDropSingleTupleTableSlot(slot);
-	ExecCloseIndices(rri);
+	close_indexes(rri);
 	FreeExecutorState(estate);
 	table_close(rel, NoLock);
 	return inserted;
