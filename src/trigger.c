@@ -20,6 +20,7 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/table.h"
 #include "access/xact.h"
@@ -454,12 +455,35 @@ trade_column(Relation rel, HeapTuple tuple, const char *name, Oid *type,
 	return SPI_getbinval(tuple, desc, attnum, isnull);
 }
 
+/*
+ * Is the row's status 'CLOSED', as its text form?  A text or varchar
+ * status is compared as it is stored (its text form, byte for byte),
+ * any other type (an enum, a domain, char(n)) through its output function.
+ */
 static bool
 status_is_closed(Relation rel, HeapTuple tuple)
 {
-	char	   *status = SPI_getvalue(tuple, RelationGetDescr(rel),
-									  SPI_fnumber(RelationGetDescr(rel), "status"));
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			attnum = SPI_fnumber(desc, "status");
+	Oid			type;
+	Datum		value;
+	bool		isnull;
+	char	   *status;
 
+	if (attnum <= 0)
+		return false;
+	value = heap_getattr(tuple, attnum, desc, &isnull);
+	if (isnull)
+		return false;
+	type = TupleDescAttr(desc, attnum - 1)->atttypid;
+	if (type == TEXTOID || type == VARCHAROID)
+	{
+		text	   *t = DatumGetTextPP(value);
+
+		return VARSIZE_ANY_EXHDR(t) == strlen("CLOSED") &&
+			memcmp(VARDATA_ANY(t), "CLOSED", strlen("CLOSED")) == 0;
+	}
+	status = SPI_getvalue(tuple, desc, attnum);
 	return status != NULL && strcmp(status, "CLOSED") == 0;
 }
 
