@@ -35,10 +35,13 @@ its TopMemoryContext and the total of its memory contexts
 Usage (as root, after make install):
     bench/trigger_overhead.py [--trades N] [--seconds T] [--rounds R] [--no-valgrind]
                               [--valgrind-only [--only-close]] [--keep-callgrind DIR]
+                              [--setup-sql FILE]
 --valgrind-only prints the instruction counts alone: no pgbench runs, no
 CPU, WAL or memory figures (quick, and insensitive to the machine's load).
 --keep-callgrind DIR keeps the callgrind output files there, one per run
-(for callgrind_annotate).
+(for callgrind_annotate).  --setup-sql FILE runs FILE on the trade store
+once it is filled: a schema change measured by hand (e.g. the queue
+without an index), on this throwaway cluster only.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -57,7 +60,9 @@ SCRIPT = "\\set id random(1, :ntrades)\n" + CLOSE.format(id=":id") + ";\n"
 
 # Server-side loops, one transaction per row like the pgbench clients:
 # closes of a range of trades, closes of random trades (the same ones on
-# every call), and updates that leave status alone.
+# every call), and updates that leave status alone; and one UPDATE of a
+# range of trades that leaves status alone (per row: what a trigger's WHEN
+# clause costs once per statement is spread over its rows).
 PROCEDURES = """
 CREATE PROCEDURE public.bench_close(a bigint, b bigint) LANGUAGE plpgsql AS $$
 BEGIN
@@ -83,6 +88,11 @@ BEGIN
         UPDATE trades SET fees = 1.50 WHERE trade_id = i;
         COMMIT;
     END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_touch_bulk(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE trades SET fees = 1.50 WHERE trade_id BETWEEN a AND b;
+    COMMIT;
 END $$;
 CREATE PROCEDURE public.bench_open(a bigint, b bigint) LANGUAGE plpgsql AS $$
 BEGIN
@@ -190,6 +200,7 @@ def instructions_per_row(cluster, attached, proc, n1=300, n2=1300, keep_dir=None
 
 STATEMENTS = (("bench_close", "close"),
               ("bench_touch", "UPDATE that leaves status alone"),
+              ("bench_touch_bulk", "row of one UPDATE of many rows that leaves status alone"),
               ("bench_open", "INSERT of an OPEN trade"))
 
 
@@ -247,6 +258,9 @@ def main():
                     help="only the instruction counts: no pgbench, CPU, WAL or memory runs")
     ap.add_argument("--only-close", action="store_true",
                     help="with --valgrind-only: count the close alone")
+    ap.add_argument("--setup-sql", metavar="FILE",
+                    help="SQL run on the trade store before the runs (a schema change "
+                         "to measure by hand; nothing here applies it otherwise)")
     ap.add_argument("--keep-callgrind", metavar="DIR",
                     help="keep the callgrind output files in DIR")
     args = ap.parse_args()
@@ -268,6 +282,8 @@ def main():
         # are myfxbook, webhook and file (two of them enabled).
         fill_trade_store(cluster, args.trades)
         cluster.psql(dbname=DB, sql=PROCEDURES)
+        if args.setup_sql:
+            cluster.psql(dbname=DB, file=args.setup_sql)
         if args.valgrind_only:
             ir = instruction_counts(cluster, args.keep_callgrind,
                                     ["bench_close"] if args.only_close else None)
