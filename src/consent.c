@@ -63,12 +63,19 @@ typedef struct KeyLookup
 static KeyLookup lookups[MAX_LOOKUPS];
 static int	nlookups = 0;
 static bool lookups_stale = false;
+static bool building = false;
 static bool callback_registered = false;
 
-/* A relcache report about a table or index we rely on: forget them all. */
+/*
+ * A relcache report about a table or index we rely on: forget them all.
+ * So does any report while a lookup is being found out (what it read may
+ * already be old).
+ */
 static void
 consent_relcache_callback(Datum arg, Oid relid)
 {
+	if (building)
+		lookups_stale = true;
 	for (int i = 0; i < nlookups; i++)
 		if (!OidIsValid(relid) || lookups[i].relid == relid ||
 			lookups[i].indexid == relid)
@@ -206,6 +213,7 @@ get_lookup(Relation heap, Oid argtype, const char *keyname,
 		CacheRegisterRelcacheCallback(consent_relcache_callback, (Datum) 0);
 		callback_registered = true;
 	}
+	building = false;			/* after an error in build_lookup */
 	if (lookups_stale)
 	{
 		nlookups = 0;
@@ -225,7 +233,9 @@ get_lookup(Relation heap, Oid argtype, const char *keyname,
 	memset(k, 0, sizeof(KeyLookup));
 	k->relid = RelationGetRelid(heap);
 	k->argtype = argtype;
+	building = true;
 	build_lookup(heap, keyname, valname, valtype, k);
+	building = false;
 	nlookups++;
 	return k;
 }

@@ -80,12 +80,21 @@ typedef struct QueueShape
 static MemoryContext shape_cxt = NULL;
 static QueueShape *shape = NULL;
 static bool shape_stale = false;
+static bool callbacks_registered = false;
 
+/*
+ * A report about the queue or one of its indexes makes the shape stale; so
+ * does any report while the shape is being built (shape is NULL then: what
+ * the build read may already be old).
+ */
 static void
 queue_relcache_callback(Datum arg, Oid relid)
 {
 	if (shape == NULL)
+	{
+		shape_stale = true;
 		return;
+	}
 	if (!OidIsValid(relid) || relid == shape->relid)
 		shape_stale = true;
 	for (int i = 0; i < shape->nindexes; i++)
@@ -193,11 +202,28 @@ build_indexes(Relation rel, QueueShape *s)
 	s->nindexes = n;
 }
 
-/* Open the queue's indexes, described by the shape if it could. */
+/* Are these the indexes the shape describes? */
+static bool
+same_indexes(Relation rel)
+{
+	List	   *ids = RelationGetIndexList(rel);
+	bool		same = list_length(ids) == shape->nindexes;
+
+	for (int i = 0; same && i < shape->nindexes; i++)
+		same = list_nth_oid(ids, i) == shape->indexids[i];
+	list_free(ids);
+	return same;
+}
+
+/*
+ * Open the queue's indexes, described by the shape if it could, and if
+ * they are still the ones it describes (the relcache reports that a new
+ * index makes the shape stale: this is a guard).
+ */
 static void
 open_indexes(ResultRelInfo *rri)
 {
-	if (shape->nindexes < 0)
+	if (shape->nindexes < 0 || !same_indexes(rri->ri_RelationDesc))
 	{
 		ExecOpenIndices(rri, true);
 		return;
@@ -231,13 +257,16 @@ build_shape(Relation rel)
 	MemoryContext old;
 	QueueShape *s;
 
-	if (shape_cxt == NULL)
+	/* No shape is kept before the reports that make it stale are heard. */
+	if (!callbacks_registered)
 	{
-		shape_cxt = AllocSetContextCreate(CacheMemoryContext, "trace_ext queue shape",
-										  ALLOCSET_SMALL_SIZES);
 		CacheRegisterRelcacheCallback(queue_relcache_callback, (Datum) 0);
 		CacheRegisterSyscacheCallback(PROCOID, queue_proc_callback, (Datum) 0);
+		callbacks_registered = true;
 	}
+	if (shape_cxt == NULL)
+		shape_cxt = AllocSetContextCreate(CacheMemoryContext, "trace_ext queue shape",
+										  ALLOCSET_SMALL_SIZES);
 	shape = NULL;
 	MemoryContextReset(shape_cxt);
 	shape_stale = false;
@@ -264,6 +293,21 @@ build_shape(Relation rel)
 	}
 	MemoryContextSwitchTo(old);
 	shape = s;
+}
+
+/*
+ * Must the shape be found out again?  The reports say so; the column and
+ * CHECK counts are compared as well, as a guard (ExecRelCheck indexes our
+ * array by the relation's constraints).
+ */
+static bool
+shape_outdated(Relation rel)
+{
+	TupleConstr *constr = RelationGetDescr(rel)->constr;
+
+	return shape == NULL || shape_stale || shape->relid != RelationGetRelid(rel) ||
+		shape->natts != RelationGetDescr(rel)->natts ||
+		shape->ncheck != (constr ? constr->num_check : 0);
 }
 
 /*
@@ -393,7 +437,7 @@ trace_queue_insert(const TraceQueueRow *row, bool *taken)
 	if (!OidIsValid(relid))
 		return -1;
 	rel = table_open(relid, RowExclusiveLock);
-	if (shape == NULL || shape_stale || shape->relid != relid)
+	if (shape_outdated(rel))
 		build_shape(rel);
 	if (!shape->usable || rel->rd_rel->relkind != RELKIND_RELATION ||
 		rel->rd_rel->relrowsecurity || !triggers_ok(rel) ||

@@ -8,7 +8,10 @@ second, and the other way round; and two trace.enqueue() calls.
 The trigger writes its rows without the SQL executor (src/queue_insert.c)
 and hands a taken key to the enqueue statement, whose ON CONFLICT waits for
 the other inserter: this is what the test watches (the waiting session
-shows a lock wait in pg_stat_activity before the first one ends)."""
+shows a lock wait in pg_stat_activity before the first one ends).  And
+what the trigger keeps for the session (the queue's defaults, CHECK and
+indexes; how to read users and signals) follows another session's changes:
+a CHECK added to the queue, users rewritten with a new index, an opt-out."""
 
 import sys
 import threading
@@ -131,9 +134,42 @@ try:
         t.is_(queue_rows(15), [("webhook", "pending", True)],
               "two enqueues, the first commits: one row")
 
+    with t.case("another session changes the tables"):
+        # Session a has written rows directly (its session caches are
+        # built); session b then changes the queue and users.
+        a = cluster.connect("trades")
+        acur = a.cursor()
+        acur.execute(CLOSE, (18,))
+        b = cluster.connect("trades")
+        b.cursor().execute("ALTER TABLE trace.trace_queue "
+                           "ADD CONSTRAINT test_not_21 CHECK (trade_id <> 21)")
+        try:
+            acur.execute(CLOSE, (21,))
+            t.fail("a CHECK added by another session is enforced on the next close")
+        except Exception as e:  # noqa: BLE001
+            t.is_(getattr(e, "pgcode", None), "23514",
+                  "a CHECK added by another session is enforced on the next close")
+        t.is_(queue_rows(21), [], "the rejected close queued nothing")
+        b.cursor().execute("ALTER TABLE trace.trace_queue DROP CONSTRAINT test_not_21")
+        acur.execute(CLOSE, (21,))
+        t.is_(queue_rows(21), pending_both, "once the CHECK is dropped, the close queues")
+        # users.user_id rewritten (a new index): the next close reads it.
+        b.cursor().execute("ALTER TABLE users ALTER COLUMN user_id TYPE integer")
+        acur.execute(CLOSE, (24,))
+        t.is_(queue_rows(24), pending_both,
+              "users rewritten by another session (new index): the close reads the new one")
+        b.cursor().execute("UPDATE users SET tracing_enabled = false WHERE user_id = 1")
+        acur.execute(CLOSE, (27,))
+        t.is_(queue_rows(27), [], "an opt-out committed by another session: nothing queued")
+        a.close()
+        b.close()
+
     with t.case("server log"):
-        log = cluster.log_text()
-        t.ok("ERROR:" not in log, "no error in the server log", lambda: cluster.log_tail(20))
+        log = "\n".join(ln for ln in cluster.log_text().splitlines()
+                        if "test_not_21" not in ln and "trade_id = %s" not in ln
+                        and "UPDATE trades SET status = 'CLOSED' WHERE trade_id = 21" not in ln)
+        t.ok("ERROR:" not in log, "no other error in the server log",
+             lambda: cluster.log_tail(20))
 finally:
     cluster.destroy()
 
