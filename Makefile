@@ -23,6 +23,8 @@ OBJS = \
 	src/shmem.o \
 	src/wake.o \
 	src/secrets.o \
+	src/consent.o \
+	src/queue_insert.o \
 	src/trigger.o \
 	src/queue_check.o \
 	src/queue.o \

@@ -34,6 +34,14 @@ its TopMemoryContext and the total of its memory contexts
 
 Usage (as root, after make install):
     bench/trigger_overhead.py [--trades N] [--seconds T] [--rounds R] [--no-valgrind]
+                              [--valgrind-only [--only-close]] [--keep-callgrind DIR]
+                              [--setup-sql FILE]
+--valgrind-only prints the instruction counts alone: no pgbench runs, no
+CPU, WAL or memory figures (quick, and insensitive to the machine's load).
+--keep-callgrind DIR keeps the callgrind output files there, one per run
+(for callgrind_annotate).  --setup-sql FILE runs FILE on the trade store
+once it is filled: a schema change measured by hand (e.g. the queue
+without an index), on this throwaway cluster only.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -52,7 +60,9 @@ SCRIPT = "\\set id random(1, :ntrades)\n" + CLOSE.format(id=":id") + ";\n"
 
 # Server-side loops, one transaction per row like the pgbench clients:
 # closes of a range of trades, closes of random trades (the same ones on
-# every call), and updates that leave status alone.
+# every call), and updates that leave status alone; and one UPDATE of a
+# range of trades that leaves status alone (per row: what a trigger's WHEN
+# clause costs once per statement is spread over its rows).
 PROCEDURES = """
 CREATE PROCEDURE public.bench_close(a bigint, b bigint) LANGUAGE plpgsql AS $$
 BEGIN
@@ -78,6 +88,11 @@ BEGIN
         UPDATE trades SET fees = 1.50 WHERE trade_id = i;
         COMMIT;
     END LOOP;
+END $$;
+CREATE PROCEDURE public.bench_touch_bulk(a bigint, b bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE trades SET fees = 1.50 WHERE trade_id BETWEEN a AND b;
+    COMMIT;
 END $$;
 CREATE PROCEDURE public.bench_open(a bigint, b bigint) LANGUAGE plpgsql AS $$
 BEGIN
@@ -140,10 +155,11 @@ def cpu_per_close(cluster, attached, first, n=8000, repeat=5):
     return best
 
 
-def callgrind_instructions(cluster, proc, n):
+def callgrind_instructions(cluster, proc, n, keep=None):
     """Instructions (callgrind's Ir) of a single-user backend inside CALL
     statements: a warm-up CALL of 200 rows, then one of n rows.  The
-    cluster must be stopped."""
+    cluster must be stopped.  keep: where to move the output file, if
+    anywhere."""
     out = os.path.join(cluster.base, "callgrind.out")
     stdin = "CALL public.%s(1, 200)\nCALL public.%s(201, %d)\n" % (proc, proc, 200 + n)
     cmd = ["runuser", "-u", "postgres", "--", "valgrind", "--tool=callgrind",
@@ -155,11 +171,14 @@ def callgrind_instructions(cluster, proc, n):
     m = re.search(r"^summary: (\d+)", text, re.M)
     if p.returncode != 0 or not m or b"ERROR" in p.stdout:
         raise RuntimeError("callgrind run failed:\n" + p.stdout.decode()[-3000:])
-    os.unlink(out)
+    if keep:
+        shutil.move(out, keep)
+    else:
+        os.unlink(out)
     return int(m.group(1))
 
 
-def instructions_per_row(cluster, attached, proc, n1=300, n2=1300):
+def instructions_per_row(cluster, attached, proc, n1=300, n2=1300, keep_dir=None):
     """Instructions per row of proc: the difference between runs of n2 and
     n1 rows, over n2 - n1 (start-up and warm-up cancel out)."""
     counts = []
@@ -169,18 +188,41 @@ def instructions_per_row(cluster, attached, proc, n1=300, n2=1300):
         reset(cluster)
         cluster.stop()
         try:
-            counts.append(callgrind_instructions(cluster, proc, n))
+            keep = None
+            if keep_dir:
+                keep = os.path.join(keep_dir, "callgrind.%s.%s.%d"
+                                    % (proc, "with" if attached else "without", n))
+            counts.append(callgrind_instructions(cluster, proc, n, keep))
         finally:
             cluster.start()
     return (counts[1] - counts[0]) / float(n2 - n1)
 
 
-def instruction_counts(cluster):
+STATEMENTS = (("bench_close", "close"),
+              ("bench_touch", "UPDATE that leaves status alone"),
+              ("bench_touch_bulk", "row of one UPDATE of many rows that leaves status alone"),
+              ("bench_open", "INSERT of an OPEN trade"))
+
+
+def instruction_counts(cluster, keep_dir=None, procs=None):
     counts = {}
-    for proc in ("bench_close", "bench_touch", "bench_open"):
+    for proc in procs or [p for p, _ in STATEMENTS]:
         for attached in (False, True):
-            counts[(proc, attached)] = instructions_per_row(cluster, attached, proc)
+            counts[(proc, attached)] = instructions_per_row(cluster, attached, proc,
+                                                            keep_dir=keep_dir)
     return counts
+
+
+def instruction_lines(ir):
+    lines = []
+    for proc, what in STATEMENTS:
+        if (proc, False) not in ir:
+            continue
+        wo, w = ir[(proc, False)], ir[(proc, True)]
+        lines.append("instructions per %s (callgrind, single-user backend, "
+                     "1,000 rows): %.0f without, %.0f with trace_ext (+%.0f, +%.0f %%)"
+                     % (what, wo, w, w - wo, 100 * (w - wo) / wo))
+    return lines
 
 
 def wal_per_close(cluster, attached, ntrades, n=20000):
@@ -212,8 +254,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--no-valgrind", action="store_true",
                     help="skip the instruction counts")
+    ap.add_argument("--valgrind-only", action="store_true",
+                    help="only the instruction counts: no pgbench, CPU, WAL or memory runs")
+    ap.add_argument("--only-close", action="store_true",
+                    help="with --valgrind-only: count the close alone")
+    ap.add_argument("--setup-sql", metavar="FILE",
+                    help="SQL run on the trade store before the runs (a schema change "
+                         "to measure by hand; nothing here applies it otherwise)")
+    ap.add_argument("--keep-callgrind", metavar="DIR",
+                    help="keep the callgrind output files in DIR")
     args = ap.parse_args()
     use_valgrind = not args.no_valgrind and shutil.which("valgrind") is not None
+    if args.valgrind_only and not use_valgrind:
+        ap.error("--valgrind-only needs valgrind (and not --no-valgrind)")
+    if args.keep_callgrind:
+        os.makedirs(args.keep_callgrind, exist_ok=True)
+        os.chmod(args.keep_callgrind, 0o777)
 
     cluster = start_cluster({"trace.enabled_adapters": "myfxbook,webhook",
                              "trace.myfxbook_webhook_url": "http://127.0.0.1:9/unused",
@@ -226,6 +282,18 @@ def main():
         # are myfxbook, webhook and file (two of them enabled).
         fill_trade_store(cluster, args.trades)
         cluster.psql(dbname=DB, sql=PROCEDURES)
+        if args.setup_sql:
+            cluster.psql(dbname=DB, file=args.setup_sql)
+        if args.valgrind_only:
+            ir = instruction_counts(cluster, args.keep_callgrind,
+                                    ["bench_close"] if args.only_close else None)
+            print_block("trigger overhead: instructions per row, with and without trace_ext",
+                        conditions(cluster, {
+                            "trace_ext": "attached via trace.attach(); opted-in users; signal "
+                                         "with myfxbook+webhook",
+                        }))
+            print_block("result", instruction_lines(ir))
+            return
         runs = {"without": [], "with": []}
         for r in range(args.rounds):
             order = ("without", "with") if r % 2 == 0 else ("with", "without")
@@ -244,7 +312,7 @@ def main():
         cpu["with"] = cpu_per_close(cluster, True, 1)
         wal = {"without": wal_per_close(cluster, False, args.trades),
                "with": wal_per_close(cluster, True, args.trades)}
-        ir = instruction_counts(cluster) if use_valgrind else None
+        ir = instruction_counts(cluster, args.keep_callgrind) if use_valgrind else None
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
         med = {v: statistics.median(t for t, _ in runs[v]) for v in runs}
@@ -275,13 +343,7 @@ def main():
                      "%.0f bytes without, %.0f bytes with trace_ext"
                      % (wal["without"], wal["with"]))
         if ir:
-            for proc, what in (("bench_close", "close"),
-                               ("bench_touch", "UPDATE that leaves status alone"),
-                               ("bench_open", "INSERT of an OPEN trade")):
-                wo, w = ir[(proc, False)], ir[(proc, True)]
-                lines.append("instructions per %s (callgrind, single-user backend, "
-                             "1,000 rows): %.0f without, %.0f with trace_ext (+%.0f, +%.0f %%)"
-                             % (what, wo, w, w - wo, 100 * (w - wo) / wo))
+            lines.extend(instruction_lines(ir))
         else:
             lines.append("instructions per close: skipped (valgrind not installed, "
                          "or --no-valgrind)")

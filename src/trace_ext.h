@@ -23,6 +23,8 @@
 #include "nodes/pg_list.h"
 #include "utils/array.h"
 #include "utils/palloc.h"
+#include "utils/relcache.h"
+#include "utils/snapshot.h"
 
 #ifndef TRACE_EXT_VERSION
 #define TRACE_EXT_VERSION "unknown"
@@ -229,6 +231,23 @@ extern char *trace_health_announce(TraceHealthEvent event, const TraceHealthNote
 extern Size trace_metrics_shmem_size(void);
 extern void trace_metrics_shmem_init(void);
 extern void trace_metrics_count(const TraceItem *item);
+
+/* ---- consent.c: the opt-in and the signal's adapters, read by index ---- */
+extern int	trace_consent_read(Relation users, Datum user_id, Oid user_type,
+							   Relation signals, Datum signal_id, Oid signal_type,
+							   bool signal_null, Snapshot snapshot, bool *listed);
+
+/* ---- queue_insert.c: queue rows written without the executor ---- */
+typedef struct TraceQueueRow
+{
+	int64		trade_id;
+	Oid			trade_table;
+	TimestampTz due_at;
+	bool		by_operator;
+	bool		adapters[TRACE_MAX_ADAPTERS];	/* true: a row for it */
+} TraceQueueRow;
+
+extern int	trace_queue_insert(const TraceQueueRow *row, bool *taken);
 
 /* ---- trigger.c ---- */
 extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,

@@ -5,15 +5,24 @@
  * trace.attach() installs (an INSERT covers a row written already CLOSED:
  * INSERT, COPY, the insert half of an upsert or MERGE, and an UPDATE that
  * moves the row to another partition, which PostgreSQL runs as DELETE +
- * INSERT); trace.enqueue() is the operator's backfill.  Both end in one
- * prepared INSERT ... ON CONFLICT that queues one row per adapter for an
- * opted-in user.  This runs inside the application's transaction: it does
- * O(1) work, never touches the network, copies no personal data, and asks
- * for the workers to be woken only when the transaction commits.
+ * INSERT); trace.enqueue() is the operator's backfill.  Both queue one
+ * row per adapter for an opted-in user, with the effect of one prepared
+ * INSERT ... ON CONFLICT (trade_id, adapter) DO UPDATE ... WHERE the row
+ * was cancelled.  The common case, no row there yet, is done without that
+ * statement, whose executor cost more than the rows themselves: the
+ * consent is read from the indexes of users and signals (consent.c) and
+ * the rows are inserted speculatively, as ON CONFLICT does
+ * (queue_insert.c).  A key found taken, and any table those files cannot
+ * read or write exactly as the statement would, go through the statement.
+ * This runs inside the application's transaction: it does O(1) work,
+ * never touches the network, copies no personal data, and asks for the
+ * workers to be woken only when the transaction commits.
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/relation.h"
+#include "access/table.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/partition.h"
@@ -26,6 +35,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "src/trace_ext.h"
@@ -199,49 +209,42 @@ queue_has_by_operator(void)
 }
 
 /*
- * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
- * (signal's adapters that are enabled); otherwise exactly those adapters, each
- * listed once (see operator_adapters; an empty list queues nothing).
- * Either way the user must have opted in.  Returns the rows queued or
- * re-armed.  The caller has connected to SPI.
+ * The enqueue statement for the adapters marked in want, through SPI: for
+ * a trade whose rows cannot be written directly (see enqueue_directly),
+ * and for the keys found taken, whose ON CONFLICT waits for a concurrent
+ * inserter and re-arms a cancelled row.  Returns the rows queued or
+ * re-armed.
  */
-int
-trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
-					Datum user_id, Oid user_id_type, bool user_null,
-					Datum signal_id, Oid signal_id_type, bool signal_null,
-					ArrayType *explicit_adapters)
+static int
+enqueue_by_statement(Oid trade_table, const Oid *types, Datum trade_id,
+					 Datum user_id, Datum signal_id, bool signal_null,
+					 const bool *want, bool mark_operator, TimestampTz due)
 {
-	Oid			types[3] = {trade_id_type, user_id_type, signal_id_type};
-	ArrayType  *adapters = explicit_adapters;
+	ArrayType  *adapters = adapters_array(want);
 	Datum		values[7];
 	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	bool		mark_operator;
-	TimestampTz due;
 	int			rc;
+	int			processed;
 
 	if (adapters == NULL)
-		adapters = enabled_adapters_array();
-	if (adapters == NULL || user_null)
 		return 0;
-	mark_operator = explicit_adapters != NULL;
-
 	values[0] = trade_id;
 	values[1] = user_id;
 	values[2] = signal_id;
 	if (signal_null)
 		nulls[2] = 'n';
 	values[3] = ObjectIdGetDatum(trade_table);
-	/* due at now() + trace.delay, now() being the transaction's start */
-	due = TimestampTzPlusMilliseconds(GetCurrentTransactionStartTimestamp(),
-									  (int64) trace_delay_s * 1000);
 	values[4] = TimestampTzGetDatum(due);
 	values[5] = PointerGetDatum(adapters);
-	values[6] = BoolGetDatum(explicit_adapters == NULL);
+	values[6] = BoolGetDatum(!mark_operator);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
 
 	/*
 	 * Names in the statement resolve in pg_catalog only, whatever the
 	 * caller's search_path (and never in pg_temp): see catalog_only.  The
-	 * queue's statement trigger leaves the wake to us (below).
+	 * queue's statement trigger leaves the wake to the caller.
 	 */
 	PushOverrideSearchPath(&catalog_only);
 	trace_enqueuing = true;
@@ -258,10 +261,181 @@ trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 	PG_END_TRY();
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "enqueue failed: %s", SPI_result_code_string(rc));
+	processed = (int) SPI_processed;
+	SPI_finish();
+	return processed;
+}
 
-	if (SPI_processed > 0)
+/* The trade id as the queue's bigint, if it is an integer; false if not. */
+static bool
+trade_id_int8(Datum trade_id, Oid type, int64 *result)
+{
+	switch (getBaseType(type))
+	{
+		case INT8OID:
+			*result = DatumGetInt64(trade_id);
+			return true;
+		case INT4OID:
+			*result = DatumGetInt32(trade_id);
+			return true;
+		case INT2OID:
+			*result = DatumGetInt16(trade_id);
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Insert the rows of the adapters wanted that the consent allows; the
+ * rows inserted, or -1 (see trace_queue_insert).
+ */
+static int
+insert_consented(TraceQueueRow *row, bool opted_in, const bool *want,
+				 const bool *listed, bool *taken)
+{
+	bool		any = false;
+
+	for (int kind = 0; kind < trace_num_adapters; kind++)
+	{
+		row->adapters[kind] = opted_in && want[kind] && listed[kind];
+		taken[kind] = false;
+		any |= row->adapters[kind];
+	}
+	return any ? trace_queue_insert(row, taken) : 0;
+}
+
+/*
+ * What the enqueue statement does, without it: read the consent from the
+ * indexes of users and signals (consent.c) and insert the rows
+ * (queue_insert.c), under the snapshot and command counter the statement
+ * would run with.  Returns the rows inserted, marking in taken[] the
+ * adapters whose (trade_id, adapter) was there already; -1, having written
+ * nothing, when the tables are not ones these files can read or write as
+ * the statement would.
+ */
+static int
+enqueue_directly(Oid trade_table, const Oid *types, Datum trade_id,
+				 Datum user_id, Datum signal_id, bool signal_null,
+				 const bool *want, bool mark_operator, TimestampTz due,
+				 bool *taken)
+{
+	Oid			nspid = get_rel_namespace(trade_table);
+	Oid			users_id = get_relname_relid("users", nspid);
+	Oid			signals_id = mark_operator ? InvalidOid : get_relname_relid("signals", nspid);
+	Relation	users;
+	Relation	volatile signals = NULL;
+	TraceQueueRow row;
+	bool		listed[TRACE_MAX_ADAPTERS];
+	int			consent;
+	int			volatile inserted = -1;
+
+	memset(&row, 0, sizeof(row));
+	if (!trade_id_int8(trade_id, types[0], &row.trade_id) ||
+		!OidIsValid(users_id) || (!mark_operator && !OidIsValid(signals_id)))
+		return -1;
+	row.trade_table = trade_table;
+	row.due_at = due;
+	row.by_operator = mark_operator;
+
+	/*
+	 * What SPI does before a statement that writes; and the statement's
+	 * search path (a function the queue's defaults or CHECK call sees
+	 * pg_catalog only, as under the statement).
+	 */
+	PushActiveSnapshot(GetTransactionSnapshot());
+	CommandCounterIncrement();
+	UpdateActiveSnapshotCommandId();
+	PushOverrideSearchPath(&catalog_only);
+	PG_TRY();
+	{
+		users = table_open(users_id, AccessShareLock);
+		if (!mark_operator)
+			signals = table_open(signals_id, AccessShareLock);
+		consent = trace_consent_read(users, user_id, types[1], signals, signal_id,
+									 types[2], signal_null, GetActiveSnapshot(), listed);
+		if (consent >= 0)
+			inserted = insert_consented(&row, consent > 0, want, listed, taken);
+		if (signals != NULL)
+			table_close(signals, NoLock);
+		table_close(users, NoLock);
+	}
+	PG_FINALLY();
+	{
+		PopOverrideSearchPath();
+	}
+	PG_END_TRY();
+	PopActiveSnapshot();
+	return inserted;
+}
+
+/* want[]: the operator's adapters (see operator_adapters), or the enabled ones. */
+static bool
+wanted_adapters(ArrayType *explicit_adapters, bool *want)
+{
+	bool		any = false;
+
+	for (int kind = 0; kind < trace_num_adapters; kind++)
+		want[kind] = explicit_adapters == NULL && trace_adapter_enabled(kind);
+	if (explicit_adapters != NULL)
+	{
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+
+		deconstruct_array_builtin(explicit_adapters, TEXTOID, &elems, &nulls, &n);
+		for (int i = 0; i < n; i++)
+			want[trace_adapter_id(TextDatumGetCString(elems[i]))] = true;
+	}
+	for (int kind = 0; kind < trace_num_adapters; kind++)
+		any |= want[kind];
+	return any;
+}
+
+/*
+ * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
+ * (signal's adapters that are enabled); otherwise exactly those adapters, each
+ * listed once (see operator_adapters; an empty list queues nothing).
+ * Either way the user must have opted in.  Returns the rows queued or
+ * re-armed.
+ *
+ * The rows are written directly when they can be (enqueue_directly);
+ * otherwise, and for a key already taken, by the enqueue statement.
+ */
+int
+trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
+					Datum user_id, Oid user_id_type, bool user_null,
+					Datum signal_id, Oid signal_id_type, bool signal_null,
+					ArrayType *explicit_adapters)
+{
+	Oid			types[3] = {trade_id_type, user_id_type, signal_id_type};
+	bool		mark_operator = explicit_adapters != NULL;
+	bool		want[TRACE_MAX_ADAPTERS];
+	bool		taken[TRACE_MAX_ADAPTERS];
+	TimestampTz due;
+	int			queued;
+
+	if (!wanted_adapters(explicit_adapters, want) || user_null)
+		return 0;
+
+	/* due at now() + trace.delay, now() being the transaction's start */
+	due = TimestampTzPlusMilliseconds(GetCurrentTransactionStartTimestamp(),
+									  (int64) trace_delay_s * 1000);
+
+	queued = enqueue_directly(trade_table, types, trade_id, user_id, signal_id,
+							  signal_null, want, mark_operator, due, taken);
+	if (queued < 0)
+		queued = enqueue_by_statement(trade_table, types, trade_id, user_id,
+									  signal_id, signal_null, want,
+									  mark_operator, due);
+	else
+		queued += enqueue_by_statement(trade_table, types, trade_id, user_id,
+									   signal_id, signal_null, taken,
+									   mark_operator, due);
+
+	if (queued > 0)
 		trace_request_wake_at(due);
-	return (int) SPI_processed;
+	return queued;
 }
 
 /* Read a column of the trades row by name; error if the table lacks it. */
@@ -281,12 +455,35 @@ trade_column(Relation rel, HeapTuple tuple, const char *name, Oid *type,
 	return SPI_getbinval(tuple, desc, attnum, isnull);
 }
 
+/*
+ * Is the row's status 'CLOSED', as its text form?  A text or varchar
+ * status is compared as it is stored (its text form, byte for byte),
+ * any other type (an enum, a domain, char(n)) through its output function.
+ */
 static bool
 status_is_closed(Relation rel, HeapTuple tuple)
 {
-	char	   *status = SPI_getvalue(tuple, RelationGetDescr(rel),
-									  SPI_fnumber(RelationGetDescr(rel), "status"));
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			attnum = SPI_fnumber(desc, "status");
+	Oid			type;
+	Datum		value;
+	bool		isnull;
+	char	   *status;
 
+	if (attnum <= 0)
+		return false;
+	value = heap_getattr(tuple, attnum, desc, &isnull);
+	if (isnull)
+		return false;
+	type = TupleDescAttr(desc, attnum - 1)->atttypid;
+	if (type == TEXTOID || type == VARCHAROID)
+	{
+		text	   *t = DatumGetTextPP(value);
+
+		return VARSIZE_ANY_EXHDR(t) == strlen("CLOSED") &&
+			memcmp(VARDATA_ANY(t), "CLOSED", strlen("CLOSED")) == 0;
+	}
+	status = SPI_getvalue(tuple, desc, attnum);
 	return status != NULL && strcmp(status, "CLOSED") == 0;
 }
 
@@ -383,12 +580,9 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 	if (trade_null)
 		return PointerGetDatum(NULL);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
 	trace_enqueue_trade(attached_table(rel, trigdata->tg_trigger),
 						trade_id, trade_type, user_id, user_type, user_null,
 						signal_id, signal_type, signal_null, NULL);
-	SPI_finish();
 
 	return PointerGetDatum(NULL);
 }
