@@ -37,10 +37,11 @@ and the worker's CPU seconds per delivery.
 Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
                           [--workers W] [--batch B] [--trades N] [--paused]
-                          [--rate TPS] [--worker-nice N]
+                          [--rate TPS] [--worker-nice N] [--setup-sql FILE]
 --rate: pgbench -R, closes at a fixed rate, to compare builds by the
 worker's CPU per delivery at equal load.  --worker-nice (a diagnostic):
-renice the workers.
+renice the workers.  --setup-sql FILE: run FILE on the trade database
+before the runs (a schema change measured by hand).
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -156,6 +157,9 @@ def main():
     ap.add_argument("--rate", type=int, default=None, metavar="TPS",
                     help="pgbench -R: close at this fixed rate (all clients together), so "
                          "that runs compare the worker's CPU per delivery at equal load")
+    ap.add_argument("--setup-sql", metavar="FILE",
+                    help="run FILE on the trade database once, before the runs (a schema "
+                         "change measured by hand, e.g. the queue's fillfactor)")
     ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
                     help="diagnostic: renice the workers to N (setpriority) after they start")
     ap.add_argument("--paused", action="store_true",
@@ -175,6 +179,8 @@ def main():
     script = pgbench_script(SCRIPT)
     try:
         fill_trade_store(cluster, args.trades)
+        if args.setup_sql:
+            cluster.psql(dbname=DB, file=args.setup_sql)
         conn = cluster.connect(DB)
         cur = conn.cursor()
         pids = wait_until(lambda: worker_pids(cur), 20)
