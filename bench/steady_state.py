@@ -38,16 +38,22 @@ Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
                           [--workers W] [--batch B] [--trades N] [--paused]
                           [--rate TPS] [--worker-nice N] [--setup-sql FILE]
+                          [--waits]
 --rate: pgbench -R, closes at a fixed rate, to compare builds by the
 worker's CPU per delivery at equal load.  --worker-nice (a diagnostic):
 renice the workers.  --setup-sql FILE: run FILE on the trade database
-before the runs (a schema change measured by hand).
+before the runs (a schema change measured by hand).  --waits: sample
+pg_stat_activity every 5 ms during each run and print what share of the
+samples pgbench's backends and the workers spent in each wait event (CPU
+when not waiting).
 A benchmark, not a test: it asserts nothing.
 """
 
 import argparse
+import collections
 import os
 import statistics
+import threading
 import time
 
 from benchlib import (CLOSE, DB, Nginx, conditions, cpu_seconds, fill_trade_store, machine_cpu,
@@ -86,6 +92,51 @@ def _none_in_flight(cur):
     return cur.fetchone()[0]
 
 
+class WaitSampler:
+    """--waits: what pgbench's backends and the workers are doing, sampled
+    from pg_stat_activity every 5 ms while pgbench runs: wait_event_type:
+    wait_event, or CPU when not waiting (idle: the backend waits for
+    pgbench)."""
+
+    SQL = ("SELECT backend_type = 'trace_ext worker', state, "
+           "       coalesce(wait_event_type || ':' || wait_event, 'CPU') "
+           "  FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+           "   AND (application_name = 'pgbench' OR backend_type = 'trace_ext worker')")
+
+    def __init__(self, cluster):
+        self.conn = cluster.connect(DB)
+        self.backends = collections.Counter()
+        self.workers = collections.Counter()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        cur = self.conn.cursor()
+        while not self.stopping:
+            cur.execute(self.SQL)
+            for worker, state, wait in cur.fetchall():
+                if worker:
+                    self.workers[wait] += 1
+                else:
+                    self.backends["idle (pgbench)" if state == "idle" else wait] += 1
+            time.sleep(0.005)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join()
+        self.conn.close()
+
+    @staticmethod
+    def shares(counter, top=6):
+        total = sum(counter.values()) or 1
+        return ", ".join("%s %.0f %%" % (k, 100.0 * v / total)
+                         for k, v in counter.most_common(top))
+
+
 def run(cluster, cur, pids, script, args, mode):
     prepare_run(cluster, mode)
     cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -93,8 +144,11 @@ def run(cluster, cur, pids, script, args, mode):
     cur.execute("SELECT pg_current_wal_lsn()")
     lsn0 = cur.fetchone()[0]
     t0 = time.time()
+    waits = WaitSampler(cluster).start() if args.waits else None
     r = pgbench(cluster, script, args.seconds, clients=args.clients,
                 defines={"k": 0, "clients": args.clients}, progress=5, rate=args.rate)
+    if waits:
+        waits.stop()
     t1 = time.time()
     busy1, all1 = machine_cpu()
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
@@ -117,7 +171,7 @@ def run(cluster, cur, pids, script, args, mode):
     closed = cur.fetchone()[0]
     return {"tps": r.tps, "progress": r.progress, "transactions": r.transactions,
             "closed": closed, "seconds": t1 - t0, "cpu": cpu,
-            "wal": wal, "busy": busy1 - busy0, "busy_share": (busy1 - busy0) / max(1e-9, all1 - all0),
+            "waits": waits, "wal": wal, "busy": busy1 - busy0, "busy_share": (busy1 - busy0) / max(1e-9, all1 - all0),
             "pending": pending,
             "sending": sending, "delivered": delivered, "queued": queued, "lag": lag}
 
@@ -133,6 +187,10 @@ def describe(mode, i, x):
         line += "; RAN OUT: %d closes found no open trade, raise --trades" % (
             x["transactions"] - x["closed"])
     lines = [line]
+    if x["waits"]:
+        lines.append("           pgbench's backends: %s" % WaitSampler.shares(x["waits"].backends))
+        if mode != "detached":
+            lines.append("           worker: %s" % WaitSampler.shares(x["waits"].workers))
     if mode == "attached":
         lines.append(
             "           queued %d rows; delivered during the run %d = %.0f/s; backlog when "
@@ -157,6 +215,8 @@ def main():
     ap.add_argument("--rate", type=int, default=None, metavar="TPS",
                     help="pgbench -R: close at this fixed rate (all clients together), so "
                          "that runs compare the worker's CPU per delivery at equal load")
+    ap.add_argument("--waits", action="store_true",
+                    help="sample the wait events of pgbench's backends and the workers")
     ap.add_argument("--setup-sql", metavar="FILE",
                     help="run FILE on the trade database once, before the runs (a schema "
                          "change measured by hand, e.g. the queue's fillfactor)")
