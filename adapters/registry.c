@@ -52,8 +52,16 @@ trace_adapter_name(TraceAdapterId id)
 TraceAdapterId
 trace_adapter_id(const char *name)
 {
+	return trace_adapter_id_n(name, strlen(name));
+}
+
+/* The same for a name of len bytes, not terminated (a text value's). */
+TraceAdapterId
+trace_adapter_id_n(const char *name, size_t len)
+{
 	for (int id = 0; id < trace_num_adapters; id++)
-		if (strcmp(name, adapters[id]->name) == 0)
+		if (strlen(adapters[id]->name) == len &&
+			memcmp(name, adapters[id]->name, len) == 0)
 			return id;
 	return -1;
 }

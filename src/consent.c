@@ -307,15 +307,9 @@ visit_signal(TupleTableSlot *slot, AttrNumber valattno, void *arg)
 		if (nulls[i])
 			continue;
 		name = DatumGetTextPP(elems[i]);
-		for (kind = 0; kind < trace_num_adapters; kind++)
-		{
-			const char *s = trace_adapter_name(kind);
-			size_t		len = strlen(s);
-
-			if (VARSIZE_ANY_EXHDR(name) == len &&
-				memcmp(VARDATA_ANY(name), s, len) == 0)
-				listed[kind] = true;
-		}
+		kind = trace_adapter_id_n(VARDATA_ANY(name), VARSIZE_ANY_EXHDR(name));
+		if (kind >= 0)
+			listed[kind] = true;
 	}
 }
 

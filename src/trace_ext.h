@@ -170,6 +170,7 @@ extern bool trace_check_absolute_path(char **newval, const char *guc);
 extern const int trace_num_adapters;
 extern const char *trace_adapter_name(TraceAdapterId id);
 extern TraceAdapterId trace_adapter_id(const char *name);
+extern TraceAdapterId trace_adapter_id_n(const char *name, size_t len);
 extern const char *trace_adapter_list(void);
 extern void trace_define_adapter_gucs(void);
 
@@ -253,7 +254,7 @@ extern int	trace_queue_insert(const TraceQueueRow *row, bool *taken);
 extern int	trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 								Datum user_id, Oid user_id_type, bool user_null,
 								Datum signal_id, Oid signal_id_type, bool signal_null,
-								ArrayType *explicit_adapters);
+								const bool *explicit_want);
 
 /* ---- queue.c: the worker's SQL ---- */
 extern void trace_queue_begin(const char *activity);

@@ -371,31 +371,22 @@ enqueue_directly(Oid trade_table, const Oid *types, Datum trade_id,
 
 /* want[]: the operator's adapters (see operator_adapters), or the enabled ones. */
 static bool
-wanted_adapters(ArrayType *explicit_adapters, bool *want)
+wanted_adapters(const bool *explicit_want, bool *want)
 {
 	bool		any = false;
 
 	for (int kind = 0; kind < trace_num_adapters; kind++)
-		want[kind] = explicit_adapters == NULL && trace_adapter_enabled(kind);
-	if (explicit_adapters != NULL)
 	{
-		Datum	   *elems;
-		bool	   *nulls;
-		int			n;
-
-		deconstruct_array_builtin(explicit_adapters, TEXTOID, &elems, &nulls, &n);
-		for (int i = 0; i < n; i++)
-			want[trace_adapter_id(TextDatumGetCString(elems[i]))] = true;
-	}
-	for (int kind = 0; kind < trace_num_adapters; kind++)
+		want[kind] = explicit_want ? explicit_want[kind] : trace_adapter_enabled(kind);
 		any |= want[kind];
+	}
 	return any;
 }
 
 /*
- * Queue one trade.  With explicit_adapters NULL the trigger's rule applies
- * (signal's adapters that are enabled); otherwise exactly those adapters, each
- * listed once (see operator_adapters; an empty list queues nothing).
+ * Queue one trade.  With explicit_want NULL the trigger's rule applies
+ * (signal's adapters that are enabled); otherwise exactly the adapters it
+ * marks (see operator_adapters; none marked queues nothing).
  * Either way the user must have opted in.  Returns the rows queued or
  * re-armed.
  *
@@ -406,16 +397,16 @@ int
 trace_enqueue_trade(Oid trade_table, Datum trade_id, Oid trade_id_type,
 					Datum user_id, Oid user_id_type, bool user_null,
 					Datum signal_id, Oid signal_id_type, bool signal_null,
-					ArrayType *explicit_adapters)
+					const bool *explicit_want)
 {
 	Oid			types[3] = {trade_id_type, user_id_type, signal_id_type};
-	bool		mark_operator = explicit_adapters != NULL;
+	bool		mark_operator = explicit_want != NULL;
 	bool		want[TRACE_MAX_ADAPTERS];
 	bool		taken[TRACE_MAX_ADAPTERS];
 	TimestampTz due;
 	int			queued;
 
-	if (!wanted_adapters(explicit_adapters, want) || user_null)
+	if (!wanted_adapters(explicit_want, want) || user_null)
 		return 0;
 
 	/* due at now() + trace.delay, now() being the transaction's start */
@@ -588,14 +579,12 @@ trace_on_trade_close(PG_FUNCTION_ARGS)
 }
 
 /*
- * The operator's adapter list: known names only, no NULLs; returned with
- * each adapter once (an empty array if the list is empty).
+ * The operator's adapter list: known names only, no NULLs; each marked in
+ * want[] (none if the list is empty).
  */
-static ArrayType *
-operator_adapters(ArrayType *adapters)
+static void
+operator_adapters(ArrayType *adapters, bool *want)
 {
-	bool		want[TRACE_MAX_ADAPTERS] = {false};
-	ArrayType  *result;
 	Datum	   *elems;
 	bool	   *nulls;
 	int			n;
@@ -619,15 +608,13 @@ operator_adapters(ArrayType *adapters)
 					 errhint("The adapters are %s.", trace_adapter_list())));
 		want[kind] = true;
 	}
-	result = adapters_array(want);
-	return result ? result : construct_empty_array(TEXTOID);
 }
 
 /*
  * Queue trade_id if the table holds it; -1 when it does not.
  */
 static int
-enqueue_from_table(Oid relid, int64 trade_id, ArrayType *adapters)
+enqueue_from_table(Oid relid, int64 trade_id, const bool *want)
 {
 	char	   *sql;
 	Oid			argtype = INT8OID;
@@ -657,7 +644,7 @@ enqueue_from_table(Oid relid, int64 trade_id, ArrayType *adapters)
 	return trace_enqueue_trade(relid, t, SPI_gettypeid(desc, 1),
 							   u, SPI_gettypeid(desc, 2), unull,
 							   s, SPI_gettypeid(desc, 3), snull,
-							   adapters);
+							   want);
 }
 
 /*
@@ -668,7 +655,8 @@ Datum
 trace_enqueue(PG_FUNCTION_ARGS)
 {
 	int64		trade_id;
-	ArrayType  *adapters = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	bool		chosen[TRACE_MAX_ADAPTERS] = {false};
+	bool	   *want = NULL;	/* NULL: the trigger's rule */
 	uint64		ntables;
 	Oid		   *relids;
 	int			queued = -1;
@@ -678,8 +666,11 @@ trace_enqueue(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("trace.enqueue: trade_id must not be NULL")));
 	trade_id = PG_GETARG_INT64(0);
-	if (adapters != NULL)
-		adapters = operator_adapters(adapters);
+	if (!PG_ARGISNULL(1))
+	{
+		operator_adapters(PG_GETARG_ARRAYTYPE_P(1), chosen);
+		want = chosen;
+	}
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -706,7 +697,7 @@ trace_enqueue(PG_FUNCTION_ARGS)
 	}
 
 	for (uint64 i = 0; i < ntables && queued < 0; i++)
-		queued = enqueue_from_table(relids[i], trade_id, adapters);
+		queued = enqueue_from_table(relids[i], trade_id, want);
 	SPI_finish();
 
 	if (queued < 0)

@@ -687,11 +687,14 @@ run_pass(int *claimed, bool *held)
 
 		collect_responses(&pass);
 		trace_worker_note_work(pass.inflight_total, 0, 0);
-		if (pass.ndone > 0 && first_done_at == 0)
-			first_done_at = GetCurrentTimestamp();
 		if (pass.ndone > 0)
+		{
+			now = GetCurrentTimestamp();
+			if (first_done_at == 0)
+				first_done_at = now;
 			record_at = pace_record(&pass, first_done_at);
-		if (pass.ndone > 0 && GetCurrentTimestamp() >= record_at)
+		}
+		if (pass.ndone > 0 && now >= record_at)
 		{
 			/* not inside Min(): a macro, it would record twice */
 			TimestampTz retry_at = record_done(&pass);
