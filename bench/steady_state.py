@@ -38,14 +38,20 @@ Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
                           [--workers W] [--batch B] [--trades N] [--paused]
                           [--rate TPS] [--worker-nice N] [--setup-sql FILE]
-                          [--waits]
+                          [--waits] [--http-floor SHARE]
 --rate: pgbench -R, closes at a fixed rate, to compare builds by the
 worker's CPU per delivery at equal load.  --worker-nice (a diagnostic):
 renice the workers.  --setup-sql FILE: run FILE on the trade database
 before the runs (a schema change measured by hand).  --waits: sample
 pg_stat_activity every 5 ms during each run and print what share of the
 samples pgbench's backends and the workers spent in each wait event (CPU
-when not waiting).
+when not waiting).  --http-floor SHARE: two more runs per round, both
+while bench/http_load.c (built here with cc) sends nginx the HTTP requests
+that closes at SHARE x the detached TPS would need (two per close, bodies
+the size of a delivery's, 100 kept-alive connections, the cheapest client
+there is): "http" detached (the requests alone), "floor" attached with the
+worker paused (the trigger and the requests).  No worker can cost the
+closes less than "floor" does, whatever it does in the database.
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -53,6 +59,8 @@ import argparse
 import collections
 import os
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -80,9 +88,9 @@ def prepare_run(cluster, mode):
     cur.execute("SELECT trace.detach('trades')")
     conn.close()
     reset_trade_store(cluster)
-    if mode != "paused":
+    if mode not in ("paused", "floor"):
         cluster.alter_system({"trace.paused": None})
-    if mode != "detached":
+    if mode not in ("detached", "http"):
         cluster.psql(dbname=DB, sql="SELECT trace.attach('trades')")
 
 
@@ -137,7 +145,33 @@ class WaitSampler:
                          for k, v in counter.most_common(top))
 
 
-def run(cluster, cur, pids, script, args, mode):
+def build_http_load():
+    """bench/http_load.c built with cc into a temp dir; its path."""
+    out = os.path.join(tempfile.mkdtemp(prefix="trace_bench_http_load_"), "http_load")
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "http_load.c")
+    subprocess.run(["cc", "-O2", "-o", out, src], check=True)
+    return out
+
+
+def payload_bytes(cur):
+    """The size of a delivery's body: to_json of the allowlisted columns of
+    a trade of the store."""
+    cur.execute("SELECT current_setting('trace.payload_columns')")
+    cols = cur.fetchone()[0]
+    cur.execute("SELECT length(to_json(t)::text) FROM (SELECT %s FROM trades "
+                "ORDER BY trade_id LIMIT 1) t" % cols)
+    return cur.fetchone()[0]
+
+
+def start_http_load(args, nginx, rate, body):
+    """--http-floor: http_load sending `rate` requests/s to nginx for the
+    run's seconds, over 100 kept-alive connections (the default batch)."""
+    return subprocess.Popen([args.http_load, str(nginx.port), "/webhook", "%.0f" % rate,
+                             str(args.seconds), "100", str(body)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def run(cluster, cur, pids, script, args, mode, http=None):
     prepare_run(cluster, mode)
     cpu0 = sum(cpu_seconds(p) for p in pids)
     busy0, all0 = machine_cpu()
@@ -145,10 +179,12 @@ def run(cluster, cur, pids, script, args, mode):
     lsn0 = cur.fetchone()[0]
     t0 = time.time()
     waits = WaitSampler(cluster).start() if args.waits else None
+    load = start_http_load(args, *http) if http else None
     r = pgbench(cluster, script, args.seconds, clients=args.clients,
                 defines={"k": 0, "clients": args.clients}, progress=5, rate=args.rate)
     if waits:
         waits.stop()
+    load_out = load.communicate()[0].decode().strip() if load else None
     t1 = time.time()
     busy1, all1 = machine_cpu()
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
@@ -172,7 +208,7 @@ def run(cluster, cur, pids, script, args, mode):
     return {"tps": r.tps, "progress": r.progress, "transactions": r.transactions,
             "closed": closed, "seconds": t1 - t0, "cpu": cpu,
             "waits": waits, "wal": wal, "busy": busy1 - busy0, "busy_share": (busy1 - busy0) / max(1e-9, all1 - all0),
-            "pending": pending,
+            "pending": pending, "http": http, "load": load_out,
             "sending": sending, "delivered": delivered, "queued": queued, "lag": lag}
 
 
@@ -191,6 +227,9 @@ def describe(mode, i, x):
         lines.append("           pgbench's backends: %s" % WaitSampler.shares(x["waits"].backends))
         if mode != "detached":
             lines.append("           worker: %s" % WaitSampler.shares(x["waits"].workers))
+    if x["load"] is not None:
+        lines.append("           http_load at %.0f requests/s, %d-byte bodies: %s"
+                     % (x["http"][1], x["http"][2], x["load"]))
     if mode == "attached":
         lines.append(
             "           queued %d rows; delivered during the run %d = %.0f/s; backlog when "
@@ -222,6 +261,10 @@ def main():
                          "change measured by hand, e.g. the queue's fillfactor)")
     ap.add_argument("--worker-nice", type=int, default=None, metavar="N",
                     help="diagnostic: renice the workers to N (setpriority) after they start")
+    ap.add_argument("--http-floor", type=float, default=None, metavar="SHARE",
+                    help="also run detached while bench/http_load.c sends the HTTP requests "
+                         "that 2 x SHARE x the detached TPS closes would need (the floor: "
+                         "the requests alone, no trace_ext work)")
     ap.add_argument("--paused", action="store_true",
                     help="also run attached with the worker paused (the trigger alone)")
     args = ap.parse_args()
@@ -247,11 +290,21 @@ def main():
         if args.worker_nice is not None:
             for p in pids:
                 os.setpriority(os.PRIO_PROCESS, p, args.worker_nice)
-        modes = ["detached", "attached"] + (["paused"] if args.paused else [])
+        modes = (["detached", "attached"] + (["paused"] if args.paused else [])
+                 + (["http", "floor"] if args.http_floor else []))
         runs = {m: [] for m in modes}
+        if args.http_floor:
+            args.http_load = build_http_load()
+            body = payload_bytes(cur)
         for i in range(args.rounds):
             for mode in (modes if i % 2 == 0 else modes[::-1]):
-                runs[mode].append(run(cluster, cur, pids, script, args, mode))
+                http = None
+                if mode in ("http", "floor"):
+                    # Round 1 runs detached first; later rounds use every
+                    # detached run so far.
+                    det = statistics.median(x["tps"] for x in runs["detached"])
+                    http = (nginx, 2 * args.http_floor * det, body)
+                runs[mode].append(run(cluster, cur, pids, script, args, mode, http))
         cluster.alter_system({"trace.paused": None})
 
         print_block("steady state: pgbench closes while the worker delivers, trace_ext "
@@ -288,6 +341,19 @@ def main():
                          "(the trigger alone)"
                          % (" ".join("%.1f%%" % (100 * r) for r in pr),
                             100 * statistics.median(pr)))
+        if args.http_floor:
+            hr = [h["tps"] / d["tps"] for h, d in zip(runs["http"], runs["detached"])]
+            lines.append("detached with the HTTP requests alone (http_load at 2 x %.2f x the "
+                         "detached TPS) / detached, per round: %s; median %.1f %% (the floor: "
+                         "no trace_ext work at all)"
+                         % (args.http_floor, " ".join("%.1f%%" % (100 * r) for r in hr),
+                            100 * statistics.median(hr)))
+            fr = [h["tps"] / d["tps"] for h, d in zip(runs["floor"], runs["detached"])]
+            lines.append("attached with the worker paused, with the same HTTP requests / "
+                         "detached, per round: %s; median %.1f %% (the trigger and the "
+                         "requests: what any worker would add to comes on top)"
+                         % (" ".join("%.1f%%" % (100 * r) for r in fr),
+                            100 * statistics.median(fr)))
         det_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
                                    for x in runs["detached"])
         att_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
