@@ -38,7 +38,7 @@ Usage (as root, after make install; PG_BINDIR=... for a private copy):
     bench/steady_state.py [--rounds R] [--seconds S] [--clients C]
                           [--workers W] [--batch B] [--trades N] [--paused]
                           [--rate TPS] [--worker-nice N] [--setup-sql FILE]
-                          [--waits] [--http-floor SHARE]
+                          [--waits] [--http-floor SHARE] [--modes LIST]
 --rate: pgbench -R, closes at a fixed rate, to compare builds by the
 worker's CPU per delivery at equal load.  --worker-nice (a diagnostic):
 renice the workers.  --setup-sql FILE: run FILE on the trade database
@@ -52,6 +52,8 @@ the size of a delivery's, 100 kept-alive connections, the cheapest client
 there is): "http" detached (the requests alone), "floor" attached with the
 worker paused (the trigger and the requests).  No worker can cost the
 closes less than "floor" does, whatever it does in the database.
+--modes LIST: only these modes beside detached (e.g. floor: more rounds of
+the floor in the same time).
 A benchmark, not a test: it asserts nothing.
 """
 
@@ -243,6 +245,17 @@ def describe(mode, i, x):
     return lines
 
 
+# What each mode's runs are, in the summary lines.
+MODE_LABELS = {
+    "attached": "attached (the worker delivering)",
+    "paused": "attached, worker paused (the trigger alone)",
+    "http": "detached, with the HTTP requests alone (http_load at 2 x %(share).2f x the "
+            "detached TPS)",
+    "floor": "attached, worker paused, with the same HTTP requests (the floor under any "
+             "worker: no delivery work in the database)",
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -265,6 +278,10 @@ def main():
                     help="also run detached while bench/http_load.c sends the HTTP requests "
                          "that 2 x SHARE x the detached TPS closes would need (the floor: "
                          "the requests alone, no trace_ext work)")
+    ap.add_argument("--modes", metavar="LIST",
+                    help="the modes to run beside detached, comma-separated, out of "
+                         "attached, paused, http, floor (default: attached, plus what "
+                         "--paused and --http-floor add)")
     ap.add_argument("--paused", action="store_true",
                     help="also run attached with the worker paused (the trigger alone)")
     args = ap.parse_args()
@@ -290,8 +307,13 @@ def main():
         if args.worker_nice is not None:
             for p in pids:
                 os.setpriority(os.PRIO_PROCESS, p, args.worker_nice)
-        modes = (["detached", "attached"] + (["paused"] if args.paused else [])
-                 + (["http", "floor"] if args.http_floor else []))
+        if args.modes:
+            modes = ["detached"] + [m for m in args.modes.split(",") if m != "detached"]
+        else:
+            modes = (["detached", "attached"] + (["paused"] if args.paused else [])
+                     + (["http", "floor"] if args.http_floor else []))
+        if ("http" in modes or "floor" in modes) and not args.http_floor:
+            args.http_floor = 0.85
         runs = {m: [] for m in modes}
         if args.http_floor:
             args.http_load = build_http_load()
@@ -327,33 +349,18 @@ def main():
         for mode in modes:
             for i, x in enumerate(runs[mode]):
                 lines += describe(mode, i, x)
-        ratios = [a["tps"] / d["tps"] for a, d in zip(runs["attached"], runs["detached"])]
+        for mode in modes[1:]:
+            r = [x["tps"] / d["tps"] for x, d in zip(runs[mode], runs["detached"])]
+            lines.append("%s / detached, per round: %s; median %.1f %%"
+                         % (MODE_LABELS[mode] % {"share": args.http_floor or 0},
+                            " ".join("%.1f%%" % (100 * x) for x in r),
+                            100 * statistics.median(r)))
         med = {m: statistics.median(x["tps"] for x in runs[m]) for m in runs}
-        lines.append("per round (attached / detached, back to back): %s; median %.1f %%"
-                     % (" ".join("%.1f%%" % (100 * r) for r in ratios),
-                        100 * statistics.median(ratios)))
-        lines.append("median TPS: %.0f detached, %.0f attached (%.1f %%)"
-                     % (med["detached"], med["attached"],
-                        100 * med["attached"] / med["detached"]))
-        if args.paused:
-            pr = [p["tps"] / d["tps"] for p, d in zip(runs["paused"], runs["detached"])]
-            lines.append("attached, worker paused / detached, per round: %s; median %.1f %% "
-                         "(the trigger alone)"
-                         % (" ".join("%.1f%%" % (100 * r) for r in pr),
-                            100 * statistics.median(pr)))
-        if args.http_floor:
-            hr = [h["tps"] / d["tps"] for h, d in zip(runs["http"], runs["detached"])]
-            lines.append("detached with the HTTP requests alone (http_load at 2 x %.2f x the "
-                         "detached TPS) / detached, per round: %s; median %.1f %% (the floor: "
-                         "no trace_ext work at all)"
-                         % (args.http_floor, " ".join("%.1f%%" % (100 * r) for r in hr),
-                            100 * statistics.median(hr)))
-            fr = [h["tps"] / d["tps"] for h, d in zip(runs["floor"], runs["detached"])]
-            lines.append("attached with the worker paused, with the same HTTP requests / "
-                         "detached, per round: %s; median %.1f %% (the trigger and the "
-                         "requests: what any worker would add to comes on top)"
-                         % (" ".join("%.1f%%" % (100 * r) for r in fr),
-                            100 * statistics.median(fr)))
+        lines.append("median TPS: %s" % ", ".join("%.0f %s" % (med[m], m) for m in modes))
+        if "attached" not in runs:
+            print_block("result", lines)
+            conn.close()
+            return
         det_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
                                    for x in runs["detached"])
         att_us = statistics.median(x["busy"] * 1e6 / max(1, x["transactions"])
