@@ -522,7 +522,12 @@ try:
              "no other process held a lease", repr(owners))
         attempts = dict(env.sql("SELECT attempts, count(*) FROM trace.trace_queue "
                                 "WHERE trade_id BETWEEN %s AND %s GROUP BY 1", (lo, hi)))
-        t.is_(attempts, {1: 5000}, "every row was claimed exactly once (attempts = 1)")
+        t.is_(attempts, {1: 5000}, "every row was claimed exactly once (attempts = 1)",
+              lambda: "rows sent more than once, by the error of their first attempt: %r"
+              % env.sql("SELECT last_error, last_http_status, count(*) "
+                        "  FROM trace.trace_queue WHERE trade_id BETWEEN %s AND %s "
+                        "   AND attempts > 1 GROUP BY 1, 2 ORDER BY 3 DESC LIMIT 5",
+                        (lo, hi)))
         seen, bad = audit(paths, lo, hi, expected)
         counts = {}
         for k, v in seen.items():

@@ -277,7 +277,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    # A burst opens a connection per request in flight (300 with three
+    # workers): a short listen queue drops SYNs, and a connect retried
+    # after 1 + 2 s can outlast trace.http_timeout, a retry no test means.
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         if self.owner.verbose:
