@@ -156,8 +156,9 @@ def build_http_load():
 
 
 def payload_bytes(cur):
-    """The size of a delivery's body: to_json of the allowlisted columns of
-    a trade of the store."""
+    """About the size of a delivery's body: to_json of the allowlisted
+    columns of a trade of the store (open after the reset: a closed
+    trade's exit columns add a few dozen bytes)."""
     cur.execute("SELECT current_setting('trace.payload_columns')")
     cols = cur.fetchone()[0]
     cur.execute("SELECT length(to_json(t)::text) FROM (SELECT %s FROM trades "
