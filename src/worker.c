@@ -639,6 +639,7 @@ run_pass(int *claimed, bool *held)
 		bool		want_claim;
 		TimestampTz claim_at;
 		TimestampTz record_at = 0;
+		int			wait;
 
 		/*
 		 * A commit woke us, or a signal.  The latch is reset before the
@@ -714,14 +715,15 @@ run_pass(int *claimed, bool *held)
 		 */
 		if (pass.inflight_total == 0 && pass.ndone == 0 && !may_have_due)
 			break;
+		wait = wait_ms(claim_due, paced_until(claim_at, record_at));
 		if (pass.inflight_total == 0 && claim_at != 0)
 		{
 			/* nothing to wait for but the claim's pace (commits may wait) */
-			gather(wait_ms(claim_due, claim_at));
+			gather(wait);
 			latch_set = true;
 		}
 		else
-			latch_set = trace_http_wait(wait_ms(claim_due, paced_until(claim_at, record_at)));
+			latch_set = trace_http_wait(wait);
 	}
 	if (pass.done)
 		pfree(pass.done);

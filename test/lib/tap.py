@@ -40,9 +40,12 @@ class Tap:
         return bool(cond)
 
     def is_(self, got, expected, desc, diag=None):
-        extra = "     got: %r\nexpected: %r" % (got, expected)
-        if diag:
-            extra += "\n" + (diag() if callable(diag) else str(diag))
+        def extra():
+            # only on failure, as ok() does: a diag may run a query
+            text = "     got: %r\nexpected: %r" % (got, expected)
+            if diag:
+                text += "\n" + (diag() if callable(diag) else str(diag))
+            return text
         return self.ok(got == expected, desc, extra)
 
     def fail(self, desc, diag=None):
